@@ -1,0 +1,124 @@
+"""Initial conditions: each fills all B replicas in one batched, seeded draw.
+
+Draws happen on the CPU in float64 with a seeded generator and are then moved, so a seed gives
+the same initial condition on every device and dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .geometry import balanced_factors, fibre_move
+from .network import balancedness_of
+
+Factors = list[Tensor]
+
+
+def _layer_scale(scale: float, scale_of: str, depth: int) -> float:
+    """Per-layer size: `scale` itself, or scale^{1/N} when `scale` is meant for the product."""
+    return scale ** (1.0 / depth) if scale_of == "product" else scale
+
+
+def gaussian(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.Generator) -> Factors:
+    """I.i.d. N(0, σ_p²) entries.
+
+    layer:   σ_p = scale for every layer.
+    product: σ_1 = scale^{1/N}, σ_p = scale^{1/N}/√d_{p−1} (p ≥ 2): a product entry sums
+             Π_{p<N} d_p terms, so Var W_ij = scale^2 — the product's typical entry is `scale`.
+    """
+    depth = len(widths) - 1
+    factors = []
+    for p, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+        std = scale if scale_of == "layer" else scale ** (1 / depth) / (math.sqrt(d_in) if p > 1 else 1.0)
+        factors.append(std * torch.randn(B, d_out, d_in, generator=gen, dtype=torch.float64))
+    return factors
+
+
+def balanced(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.Generator) -> Factors:
+    """A random point of a balanced fibre: draw W with N(0, s²) entries, then factor it exactly
+    as W_p = Q_p Σ^{1/N} Q_{p−1}^T with Haar-random hidden Q_p, so G_p = 0 to rounding.
+
+    s = scale (scale_of=product) or scale^N (scale_of=layer: factors of size ≈ scale).
+    """
+    depth = len(widths) - 1
+    s = scale if scale_of == "product" else scale ** depth
+    W = s * torch.randn(B, widths[-1], widths[0], generator=gen, dtype=torch.float64)
+    return balanced_factors(W, widths, generator=gen)
+
+
+def _semi_orthogonal(B: int, rows: int, cols: int, gen: torch.Generator) -> Tensor:
+    """Haar-random matrices with orthonormal rows or columns (QR with the sign fix)."""
+    big, small = max(rows, cols), min(rows, cols)
+    Q, R = torch.linalg.qr(torch.randn(B, big, small, generator=gen, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return Q if rows >= cols else Q.mT
+
+
+def orthogonal(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.Generator) -> Factors:
+    """W_p = c · (random semi-orthogonal), c = scale per layer (or scale^{1/N})."""
+    c = _layer_scale(scale, scale_of, len(widths) - 1)
+    return [c * _semi_orthogonal(B, d_out, d_in, gen) for d_in, d_out in zip(widths[:-1], widths[1:])]
+
+
+def identity(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.Generator) -> Factors:
+    """W_p = c · I (rectangular), c = scale per layer (or scale^{1/N}); no randomness."""
+    c = _layer_scale(scale, scale_of, len(widths) - 1)
+    return [c * torch.eye(d_out, d_in, dtype=torch.float64).expand(B, d_out, d_in).clone()
+            for d_in, d_out in zip(widths[:-1], widths[1:])]
+
+
+def total_balancedness(factors: Factors) -> Tensor:
+    """‖G‖ = (Σ_p ‖G_p‖_F²)^{1/2}, (B,)."""
+    G = balancedness_of(factors)
+    return torch.stack([g.flatten(1).norm(dim=1) for g in G]).norm(dim=0)
+
+
+def unbalanced(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.Generator,
+               imbalance: float = 1.0) -> Factors:
+    """A balanced start moved along its fibre, W_p ← e^{sA_p} W_p e^{−sA_{p−1}}, by random
+    symmetric generators A_p (skew ones would keep balance), with s ≥ 0 per replica found by
+    bisection so that ‖G‖ = imbalance. The product is unchanged (fibre move)."""
+    start = balanced(widths, B, scale, scale_of, gen)
+    if imbalance == 0 or len(widths) < 3:
+        return start
+    directions = []
+    for d in widths[1:-1]:
+        A = torch.randn(B, d, d, generator=gen, dtype=torch.float64)
+        A = A + A.mT
+        directions.append(A / A.flatten(1).norm(dim=1).view(B, 1, 1))
+
+    def gap(s: Tensor) -> Tensor:
+        moved = fibre_move(start, [s.view(B, 1, 1) * A for A in directions])
+        return total_balancedness(moved) - imbalance
+
+    low, high = torch.zeros(B, dtype=torch.float64), torch.ones(B, dtype=torch.float64)
+    for _ in range(200):          # grow the bracket until ‖G(high)‖ ≥ imbalance
+        short = gap(high) < 0
+        if not short.any():
+            break
+        high = torch.where(short, 2 * high, high)
+    else:
+        raise ValueError(f"init.imbalance={imbalance} could not be reached along the fibre")
+    for _ in range(100):          # bisection to rounding: the bracket halves each pass
+        mid = (low + high) / 2
+        below = gap(mid) < 0
+        low, high = torch.where(below, mid, low), torch.where(below, high, mid)
+    s = (low + high) / 2
+    return fibre_move(start, [s.view(B, 1, 1) * A for A in directions])
+
+
+INITIALISERS: dict[str, Callable[..., Factors]] = {
+    "gaussian": gaussian, "balanced": balanced, "orthogonal": orthogonal,
+    "identity": identity, "unbalanced": unbalanced,
+}
+
+
+def initial_factors(cfg: Any, widths: list[int], replicas: int, seed: int) -> Factors:
+    """The factors [W_1, …, W_N] of `cfg.init` for all replicas, float64 on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    make = INITIALISERS[cfg.name]
+    extra = {"imbalance": cfg.imbalance} if cfg.name == "unbalanced" else {}
+    return make(list(widths), replicas, cfg.scale, cfg.scale_of, gen, **extra)

@@ -1,0 +1,88 @@
+"""Observables, batched over replicas: each is a tensor with leading axis B.
+
+Computed only at logged times (an SVD per replica is the expensive part), never per step.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .geometry import balance_gap, entropy
+from .network import balancedness_of, chain
+from .tasks import Task
+
+
+def effective_rank(s: Tensor) -> Tensor:
+    """Roy & Vetterli (2007): exp(−Σ p_i log p_i), p_i = s_i/Σ_j s_j, with 0 log 0 = 0.
+
+    The zero matrix has no distribution p; we report 0 for it (its rank)."""
+    total = s.sum(-1, keepdim=True)
+    p = s / total.clamp_min(torch.finfo(s.dtype).tiny)
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(s.dtype).tiny)), torch.zeros_like(p))
+    return torch.where(total.squeeze(-1) > 0, torch.exp(-plogp.sum(-1)), torch.zeros_like(total.squeeze(-1)))
+
+
+def stable_rank(s: Tensor) -> Tensor:
+    """‖W‖_F² / ‖W‖_2² (0 for the zero matrix)."""
+    top = s[..., 0] ** 2
+    return torch.where(top > 0, (s ** 2).sum(-1) / top.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(top))
+
+
+def numerical_rank(s: Tensor, tol: float) -> Tensor:
+    """#{i : s_i > tol · s_1} (s sorted descending, as svdvals returns it)."""
+    return (s > tol * s[..., :1]).sum(-1).to(s.dtype) * (s[..., 0] > 0)
+
+
+def frobenius(x: Tensor) -> Tensor:
+    return x.flatten(1).norm(dim=1)
+
+
+def total_norm(parts: Sequence[Tensor]) -> Tensor:
+    """(Σ_p ‖x_p‖_F²)^{1/2} per replica."""
+    return torch.stack([frobenius(x) for x in parts]).norm(dim=0)
+
+
+def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_tol: float,
+            beta: float | None = None, depth: int | None = None,
+            diverged: Tensor | None = None) -> dict[str, Tensor]:
+    """Every observable of the current state. Scalars per replica are (B,); `singular_values`
+    is (B, k). `depth` is the N of the entropy S_N when `factors` is just [W] (downstairs flows).
+    Diverged replicas get NaN for the spectral observables (LAPACK refuses non-finite input)."""
+    factors = [f.detach() for f in factors]
+    W = chain(factors)
+    B, depth = W.shape[0], depth or len(factors)
+    bad = ~torch.isfinite(W).flatten(1).all(1)
+    if diverged is not None:
+        bad = bad | diverged
+    clean = torch.where(bad.view(B, 1, 1), torch.zeros_like(W), W)
+    nan = torch.full((B,), torch.nan, dtype=W.dtype, device=W.device)
+    s = torch.linalg.svdvals(clean)
+    out: dict[str, Tensor] = {"energy": task.energy(W)}
+    if len(factors) > 1:
+        G = balancedness_of(factors)
+        out["balancedness"] = total_norm(G)
+        out["balancedness_drift"] = total_norm([g - g0 for g, g0 in zip(G, G0)])
+        for p, g in enumerate(G, start=1):
+            out[f"balancedness_{p}"] = frobenius(g)
+        out["balance_gap"] = balance_gap(factors)
+    elif depth == 1:
+        zero = torch.zeros(B, dtype=W.dtype, device=W.device)
+        out["balancedness"], out["balancedness_drift"], out["balance_gap"] = zero, zero, zero
+    spectral = {"effective_rank": effective_rank(s), "stable_rank": stable_rank(s),
+                "numerical_rank": numerical_rank(s, rank_tol), "sigma_max": s[:, 0], "sigma_min": s[:, -1]}
+    if W.shape[-1] == W.shape[-2]:
+        spectral["sigma_ratio"] = s[:, -1] / s[:, 0].clamp_min(torch.finfo(s.dtype).tiny)
+        spectral["det"] = torch.linalg.det(clean)
+        if depth > 1:
+            spectral["entropy"] = entropy(clean, depth)
+            if beta is not None:
+                spectral["free_energy"] = out["energy"] - spectral["entropy"] / beta
+    out.update({k: torch.where(bad, nan, v.to(W.dtype)) for k, v in spectral.items()})
+    out.update(task.observables(W))
+    for p, f in enumerate(factors, start=1):
+        out[f"factor_norm_{p}"] = frobenius(f)
+    out["product_norm"] = frobenius(W)
+    out["singular_values"] = torch.where(bad.view(B, 1), torch.nan, s)
+    return out

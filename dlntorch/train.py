@@ -1,0 +1,328 @@
+"""The run loop: `run(cfg) -> summary`, usable from Python and from the CLI.
+
+config → validate → task → network + initial condition → dynamics → loop over chunks of steps;
+at logged times: observables → TensorBoard + trajectory; at the end: summary.json, hparams,
+checkpoint. Everything batched over the replica axis; the loop never syncs with the device
+except at logged times and stop checks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from . import __version__
+from .config import Config, ConfigError, resolve_depth, validate
+from .dynamics import Dynamics, build_dynamics
+from .init import initial_factors
+from .logger import (TensorBoardLog, Trajectory, aggregate, flat_hparams, log_steps, to_numpy,
+                     write_json)
+from .network import DeepLinearNetwork, balancedness_of, default_widths
+from .tasks import Task, build_task
+from .metrics import observe
+
+CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
+
+
+class DivergenceError(RuntimeError):
+    """A replica diverged and run.on_divergence=error."""
+
+
+# ------------------------------------------------------------------------ configuration
+
+def as_config(cfg: Any) -> DictConfig:
+    """Any of Config, dict or DictConfig → a DictConfig typed by the schema (typos fail here)."""
+    schema = OmegaConf.structured(Config)
+    return OmegaConf.merge(schema, cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+                           if not isinstance(cfg, Config) else OmegaConf.structured(cfg))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is not allowed: this machine has no CUDA device; use device=cpu or device=auto.")
+    return torch.device(name)
+
+
+def resolve_widths(model: Any, shape: tuple[int, int]) -> list[int]:
+    """[d_0, …, d_N]; the ends must match the task's (m, n)."""
+    m, n = shape
+    if model.widths is None:
+        return default_widths(resolve_depth(model), m, n)
+    widths = [int(w) for w in model.widths]
+    if widths[0] != n or widths[-1] != m:
+        raise ConfigError(f"model.widths={widths} is not allowed: its ends must match the task's "
+                          f"{m}x{n} matrix: d_0 = {n} and d_N = {m}.")
+    return widths
+
+
+def derive_seeds(cfg: DictConfig) -> dict[str, int]:
+    """Independent seeds for the task data, the initial condition and the dynamics' noise, all
+    derived from `seed` (task.seed / init.seed override theirs, e.g. to fix the data of a sweep)."""
+    task, init, dynamics = np.random.SeedSequence(cfg.seed).generate_state(3, dtype=np.uint32).tolist()
+    return {"seed": cfg.seed,
+            "task": task if cfg.task.seed is None else cfg.task.seed,
+            "init": init if cfg.init.seed is None else cfg.init.seed,
+            "dynamics": dynamics}
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if cfg.run.out_dir is not None:
+        out = Path(cfg.run.out_dir)
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+            out = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:   # not inside a Hydra app: called from Python
+            out = Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ------------------------------------------------------------------------ the run's state
+
+@dataclass
+class RunState:
+    """Everything that changes during a run and is needed to resume it."""
+    step: int = 0
+    t: float = 0.0
+    gradient_evaluations: int = 0
+    diverged: Tensor | None = None         # (B,) bool
+    G0: list[Tensor] = field(default_factory=list)
+    trajectory: Trajectory = field(default_factory=Trajectory)
+    elapsed: float = 0.0                   # wall seconds before this process (resumed runs)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {"dlntorch": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "host": socket.gethostname(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------ the loop
+
+class Lab:
+    """One run: its config, task, network, dynamics, outputs and state."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = getattr(torch, cfg.dtype)
+        self.seeds = derive_seeds(cfg)
+        self.task: Task = build_task(cfg.task, self.seeds["task"]).to(self.device, self.dtype)
+        self.widths = resolve_widths(cfg.model, self.task.shape)
+        self.out = output_dir(cfg)
+        self.total_steps = total_steps(cfg)
+        self.grid = log_steps(self.total_steps, cfg.run.log_points)
+        self.net = DeepLinearNetwork(self.widths, cfg.replicas, self.dtype, self.device)
+        self.net.set_factors([f.to(self.device, self.dtype) for f in
+                              initial_factors(cfg.init, self.widths, cfg.replicas, self.seeds["init"])])
+        self.dynamics: Dynamics = build_dynamics(cfg, self.net, self.task, self.seeds["dynamics"])
+        self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
+                              G0=[g.detach().clone() for g in self.net.balancedness()])
+        self.beta = cfg.optim.beta if cfg.optim.name == "langevin" else None
+
+    # -- checkpoints -----------------------------------------------------------------
+    def checkpoint(self) -> None:
+        from .logger import atomic_write_bytes
+        s = self.state
+        # the trajectory so far goes to trajectory.npz first; the checkpoint records how many of
+        # its rows are its own, so a crash between the two writes leaves a consistent pair
+        s.trajectory.save(self.out / TRAJECTORY)
+        payload = {"step": s.step, "t": s.t, "gradient_evaluations": s.gradient_evaluations,
+                   "diverged": s.diverged.cpu(), "G0": [g.cpu() for g in s.G0],
+                   "trajectory_rows": len(s.trajectory.rows), "elapsed": s.elapsed + self.wall(),
+                   "dynamics": self.dynamics.state_dict(), "config": OmegaConf.to_container(self.cfg)}
+        atomic_write_bytes(self.out / CHECKPOINT, lambda h: torch.save(payload, h))
+        self.last_checkpoint = (s.step, time.monotonic())
+
+    def restore(self) -> bool:
+        """Continue from checkpoint.pt in the run dir if there is one (resume=true)."""
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            return False
+        payload = torch.load(path, map_location=self.device, weights_only=False)
+        s = self.state
+        s.step, s.t, s.gradient_evaluations = payload["step"], payload["t"], payload["gradient_evaluations"]
+        s.diverged = payload["diverged"].to(self.device)
+        s.G0 = [g.to(self.device) for g in payload["G0"]]
+        s.trajectory = Trajectory.load(self.out / TRAJECTORY, payload["trajectory_rows"])
+        s.elapsed = payload["elapsed"]
+        self.dynamics.load_state_dict(payload["dynamics"])
+        return True
+
+    def wall(self) -> float:
+        return time.monotonic() - self.started
+
+    # -- observing --------------------------------------------------------------------
+    def observe(self) -> dict[str, np.ndarray]:
+        obs = observe(self.dynamics.factors(), self.task, self.state.G0, self.cfg.run.rank_tol,
+                      beta=self.beta, depth=self.dynamics.depth, diverged=self.state.diverged)
+        obs.update(self.dynamics.observables())
+        row = to_numpy(obs)
+        row["diverged"] = self.state.diverged.cpu().numpy().astype(np.float64)
+        row["step"], row["t"] = np.asarray(self.state.step), np.asarray(self.state.t)
+        return row
+
+    def log(self) -> dict[str, np.ndarray]:
+        row = self.observe()
+        self.state.trajectory.append(row)
+        self.tb.scalars(self.state.step, self.state.t, row, row["diverged"] > 0)
+        return row
+
+    def check(self) -> bool:
+        """Divergence bookkeeping and the stop test (one host sync). True: stop now."""
+        s = self.state
+        energy = self.dynamics.energy()
+        newly = ~torch.isfinite(energy) & ~s.diverged
+        s.diverged |= ~torch.isfinite(energy)
+        self.dynamics.freeze(s.diverged)
+        if self.cfg.run.on_divergence == "error" and bool(newly.any()):
+            raise DivergenceError(f"{int(newly.sum())} replica(s) diverged at step {s.step} (t = {s.t:g}) "
+                                  "and run.on_divergence=error")
+        live = energy[~s.diverged]
+        return live.numel() == 0 or bool((live < self.cfg.run.stop_energy).all())
+
+    def checkpoint_due(self) -> bool:
+        every, minutes = self.cfg.run.checkpoint_every, self.cfg.run.checkpoint_minutes
+        last_step, last_time = self.last_checkpoint
+        return (every > 0 and self.state.step - last_step >= every) or \
+            (time.monotonic() - last_time) / 60 >= minutes
+
+    # -- the loop ---------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg, s = self.cfg, self.state
+        self.started = time.monotonic()
+        resumed = cfg.resume and self.restore()
+        if resumed and (self.out / SUMMARY).is_file():
+            previous = json.loads((self.out / SUMMARY).read_text())
+            if previous.get("status") == "completed":
+                return previous       # nothing left to do: the run had finished
+        self.tb = TensorBoardLog(self.out / EVENTS, cfg.run.log_replicas,
+                                 purge_step=s.step + 1 if resumed else None)
+        self.last_checkpoint = (s.step, time.monotonic())
+        logged = {int(row["step"]) for row in s.trajectory.rows}
+        ends = chunk_ends(self.grid, cfg.run.stop_check_every if self.dynamics.step_based else None,
+                          self.total_steps)
+        bar = progress_bar(cfg, self.total_steps, s.step)
+        stopped = False
+        if s.step == 0 and 0 not in logged:
+            self.check()
+            self.log()
+        for end in ends[ends > s.step]:
+            self.dynamics.advance(int(end) - s.step)
+            s.gradient_evaluations = self.dynamics.gradient_evaluations
+            s.step, s.t = int(end), self.dynamics.time(int(end))
+            stopped = self.check()
+            if end in self.grid or stopped or end == self.total_steps:
+                self.log()
+            if bar is not None:
+                bar.update(int(end) - bar.n)
+            if stopped:
+                break
+            if self.checkpoint_due():
+                self.checkpoint()
+        if bar is not None:
+            bar.close()
+        return self.finish(stopped)
+
+    def finish(self, stopped: bool) -> dict[str, Any]:
+        s = self.state
+        final = s.trajectory.rows[-1] if s.trajectory.rows and int(s.trajectory.rows[-1]["step"]) == s.step \
+            else self.log()
+        diverged = final["diverged"] > 0
+        self.tb.histograms(s.step, final, diverged)
+        summary = self.summarise(final, stopped)
+        self.tb.hparams(flat_hparams(summary["config"]), headline(summary))
+        self.tb.close()
+        self.checkpoint()     # writes trajectory.npz too
+        write_json(self.out / SUMMARY, summary)
+        return summary
+
+    def summarise(self, final: dict[str, np.ndarray], stopped: bool) -> dict[str, Any]:
+        s, cfg = self.state, self.cfg
+        per_replica = {k: v.tolist() for k, v in final.items() if k not in ("step", "t")}
+        per_replica["diverged"] = [bool(x) for x in final["diverged"]]
+        live = final["diverged"] == 0
+        aggregates = {k: aggregate(np.where(live, v, np.nan)) for k, v in final.items()
+                      if v.ndim == 1 and k not in ("step", "t", "diverged")}
+        return {
+            "status": "completed",
+            "stopped_by": "stop_energy" if stopped else ("time" if cfg.run.time is not None
+                                                         and s.step == self.total_steps else "steps"),
+            "out_dir": str(self.out),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "seeds": self.seeds,
+            "environment": environment(self.device),
+            "widths": self.widths,
+            "depth": len(self.widths) - 1,
+            "replicas": cfg.replicas,
+            "steps": s.step,
+            "t": s.t,
+            "gradient_evaluations": s.gradient_evaluations,
+            "wall_time": s.elapsed + self.wall(),
+            "diverged_count": int((~live).sum()),
+            "near_rank_one": int(((final["effective_rank"] < cfg.run.rank_one_tol) & live).sum()),
+            "aggregates": aggregates,
+            "final": per_replica,
+        }
+
+
+def total_steps(cfg: DictConfig) -> int:
+    """run.steps, or fewer when run.time = lr·step comes first."""
+    steps = cfg.run.steps
+    if cfg.run.time is not None:
+        steps = min(steps, max(1, math.ceil(cfg.run.time / cfg.optim.lr - 1e-9)))
+    return int(steps)
+
+
+def chunk_ends(grid: np.ndarray, every: int | None, total: int) -> np.ndarray:
+    """Where the loop pauses: logged steps, stop checks every `every` steps, and the end."""
+    ends = [grid, [total]]
+    if every:
+        ends.append(np.arange(every, total + 1, every))
+    return np.unique(np.concatenate(ends)).astype(np.int64)
+
+
+def progress_bar(cfg: DictConfig, total: int, start: int):
+    if not cfg.run.progress:
+        return None
+    from tqdm.auto import tqdm
+    # delay: the bar appears only on runs that take more than a few seconds
+    return tqdm(total=total, initial=start, delay=3, unit="step", dynamic_ncols=True,
+                desc=f"{cfg.task.name} N={len(cfg.model.widths) - 1 if cfg.model.widths else resolve_depth(cfg.model)}",
+                file=sys.stderr)
+
+
+def headline(summary: dict[str, Any]) -> dict[str, float]:
+    """The final metrics shown in TensorBoard's HPARAMS tab and the printed table."""
+    agg = summary["aggregates"]
+    out = {"energy_median": agg["energy"]["median"], "energy_max": agg["energy"]["max"],
+           "effective_rank_median": agg["effective_rank"]["median"],
+           "near_rank_one_fraction": summary["near_rank_one"] / summary["replicas"],
+           "balancedness_drift_max": agg["balancedness_drift"]["max"],
+           "diverged": float(summary["diverged_count"]), "t": float(summary["t"])}
+    if "test_error" in agg:
+        out["test_error_median"] = agg["test_error"]["median"]
+    return out
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Train as `cfg` says and return the summary (also written to summary.json)."""
+    cfg = as_config(cfg)
+    validate(cfg)
+    return Lab(cfg).train()

@@ -1,0 +1,27 @@
+"""Shared test setup: one torch thread (two torch processes on two cores slow each other 10-100x),
+float64 everywhere, and Hydra's compose API so most tests run in this one process."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+torch.set_num_threads(1)
+torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """make_cfg("optim=langevin", "replicas=8") → the composed config, writing under tmp_path."""
+    def make(*overrides: str, out: str = "run"):
+        GlobalHydra.instance().clear()
+        with initialize_config_module("dlntorch.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[f"run.out_dir={tmp_path / out}", "run.progress=false",
+                                               *overrides])
+        return cfg
+    return make
