@@ -116,8 +116,17 @@ register()
 
 # --------------------------------------------------------------------------- values
 
+def _show(value: Any) -> str:
+    """A value as the user typed it: 0 not 0.0, 'text' quoted, lists plain."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
+        return str(list(value))
+    return repr(value)
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}.")
+    raise ConfigError(f"{key}={_show(value)} is not allowed: {allowed}.")
 
 
 def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -245,8 +254,14 @@ def validate(cfg: Any) -> None:
         _positive_finite("optim.rtol", optim.rtol)
         _positive_finite("optim.atol", optim.atol)
         _one_of("optim.time_scale", optim.time_scale, ("raw", "per_depth"))
-        if optim.depth is not None:
-            parse_depth(optim.depth)
+        if optim.depth is not None and parse_depth(optim.depth) == math.inf and optim.time_scale == "raw":
+            _fail("optim.time_scale", optim.time_scale,
+                  "optim.depth=inf needs per_depth (rescaled time τ = N t; A_N grows like N)")
+        if optim.compare_downstairs and not (init.name == "balanced"
+                                             or (init.name == "unbalanced" and init.imbalance == 0)):
+            _fail("optim.compare_downstairs", True,
+                  f"it needs a balanced start (init=balanced), not init={init.name}, since only balanced "
+                  "products follow the downstairs flow")
 
     run = cfg.run
     _at_least("run.steps", run.steps, 1)

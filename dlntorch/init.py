@@ -38,14 +38,21 @@ def gaussian(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.
 
 
 def balanced(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.Generator) -> Factors:
-    """A random point of a balanced fibre: draw W with N(0, s²) entries, then factor it exactly
-    as W_p = Q_p Σ^{1/N} Q_{p−1}^T with Haar-random hidden Q_p, so G_p = 0 to rounding.
+    """A random point of a balanced fibre: draw W with N(0, s²) entries (of rank ≤ the narrowest
+    width), then factor it exactly as W_p = Q_p Σ^{1/N} Q_{p−1}^T with Haar-random hidden Q_p,
+    so G_p = 0 to rounding.
 
     s = scale (scale_of=product) or scale^N (scale_of=layer: factors of size ≈ scale).
     """
-    depth = len(widths) - 1
+    depth, m, n = len(widths) - 1, widths[-1], widths[0]
     s = scale if scale_of == "product" else scale ** depth
-    W = s * torch.randn(B, widths[-1], widths[0], generator=gen, dtype=torch.float64)
+    rank = min(widths)
+    if rank >= min(m, n):
+        W = s * torch.randn(B, m, n, generator=gen, dtype=torch.float64)
+    else:   # a narrow hidden layer caps the rank: W = s·UV^T/√r still has entries of variance s²
+        U = torch.randn(B, m, rank, generator=gen, dtype=torch.float64)
+        V = torch.randn(B, n, rank, generator=gen, dtype=torch.float64)
+        W = (s / math.sqrt(rank)) * U @ V.mT
     return balanced_factors(W, widths, generator=gen)
 
 

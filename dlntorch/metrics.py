@@ -4,6 +4,7 @@ Computed only at logged times (an SVD per replica is the expensive part), never 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -49,17 +50,18 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
             diverged: Tensor | None = None) -> dict[str, Tensor]:
     """Every observable of the current state. Scalars per replica are (B,); `singular_values`
     is (B, k). `depth` is the N of the entropy S_N when `factors` is just [W] (downstairs flows).
-    Diverged replicas get NaN for the spectral observables (LAPACK refuses non-finite input)."""
-    factors = [f.detach() for f in factors]
-    W = chain(factors)
-    B, depth = W.shape[0], depth or len(factors)
-    bad = ~torch.isfinite(W).flatten(1).all(1)
+
+    Diverged (non-finite) replicas report their raw energy and factor norms and NaN for the rest:
+    they are computed on zeros instead, since LAPACK refuses non-finite input."""
+    raw = [f.detach() for f in factors]
+    B, depth = raw[0].shape[0], depth or len(raw)
+    bad = ~torch.stack([torch.isfinite(f).flatten(1).all(1) for f in raw]).all(0)
     if diverged is not None:
         bad = bad | diverged
-    clean = torch.where(bad.view(B, 1, 1), torch.zeros_like(W), W)
-    nan = torch.full((B,), torch.nan, dtype=W.dtype, device=W.device)
-    s = torch.linalg.svdvals(clean)
-    out: dict[str, Tensor] = {"energy": task.energy(W)}
+    factors = [torch.where(bad.view(B, 1, 1), torch.zeros_like(f), f) for f in raw]
+    W = chain(factors)
+    s = torch.linalg.svdvals(W)
+    out: dict[str, Tensor] = {}
     if len(factors) > 1:
         G = balancedness_of(factors)
         out["balancedness"] = total_norm(G)
@@ -68,21 +70,21 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
             out[f"balancedness_{p}"] = frobenius(g)
         out["balance_gap"] = balance_gap(factors)
     elif depth == 1:
-        zero = torch.zeros(B, dtype=W.dtype, device=W.device)
-        out["balancedness"], out["balancedness_drift"], out["balance_gap"] = zero, zero, zero
-    spectral = {"effective_rank": effective_rank(s), "stable_rank": stable_rank(s),
-                "numerical_rank": numerical_rank(s, rank_tol), "sigma_max": s[:, 0], "sigma_min": s[:, -1]}
+        out["balancedness"] = out["balancedness_drift"] = out["balance_gap"] = torch.zeros_like(s[:, 0])
+    out.update(effective_rank=effective_rank(s), stable_rank=stable_rank(s),
+               numerical_rank=numerical_rank(s, rank_tol), sigma_max=s[:, 0], sigma_min=s[:, -1])
     if W.shape[-1] == W.shape[-2]:
-        spectral["sigma_ratio"] = s[:, -1] / s[:, 0].clamp_min(torch.finfo(s.dtype).tiny)
-        spectral["det"] = torch.linalg.det(clean)
-        if depth > 1:
-            spectral["entropy"] = entropy(clean, depth)
+        out["sigma_ratio"] = s[:, -1] / s[:, 0].clamp_min(torch.finfo(s.dtype).tiny)
+        out["det"] = torch.linalg.det(W)
+        if 1 < depth < math.inf:     # S_N has (N − 1) log c_d: none at N = 1 or N = inf
+            out["entropy"] = entropy(W, depth)
             if beta is not None:
-                spectral["free_energy"] = out["energy"] - spectral["entropy"] / beta
-    out.update({k: torch.where(bad, nan, v.to(W.dtype)) for k, v in spectral.items()})
+                out["free_energy"] = task.energy(W) - out["entropy"] / beta
     out.update(task.observables(W))
-    for p, f in enumerate(factors, start=1):
-        out[f"factor_norm_{p}"] = frobenius(f)
     out["product_norm"] = frobenius(W)
+    out = {k: torch.where(bad, torch.nan, v.to(W.dtype)) for k, v in out.items()}
+    out["energy"] = task.energy(chain(raw))
+    for p, f in enumerate(raw, start=1):
+        out[f"factor_norm_{p}"] = frobenius(f)
     out["singular_values"] = torch.where(bad.view(B, 1), torch.nan, s)
     return out

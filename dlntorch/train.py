@@ -138,8 +138,14 @@ class Lab:
 
     # -- checkpoints -----------------------------------------------------------------
     def checkpoint(self) -> None:
+        """Write checkpoint.pt atomically (temporary file, then rename): a crash or a kill at any
+        moment leaves the previous checkpoint whole and usable."""
         from .logger import atomic_write_bytes
         s = self.state
+        # events up to this step reach the disk before the checkpoint names the step: a resumed
+        # run purges the events past it (purge_step), so every step is in TensorBoard exactly once
+        if getattr(self, "tb", None) is not None:
+            self.tb.writer.flush()
         # the trajectory so far goes to trajectory.npz first; the checkpoint records how many of
         # its rows are its own, so a crash between the two writes leaves a consistent pair
         s.trajectory.save(self.out / TRAJECTORY)
@@ -156,6 +162,22 @@ class Lab:
         if not path.is_file():
             return False
         payload = torch.load(path, map_location=self.device, weights_only=False)
+        # continuing under other values would make a run that is neither; name the first change
+        def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+            return out
+
+        then, now = leaves(payload.get("config", {})), leaves(OmegaConf.to_container(self.cfg))
+        free = ("resume", "threads", "device", "experiment", "tags", "run.out_dir", "run.progress",
+                "run.checkpoint_every", "run.checkpoint_minutes", "run.on_divergence", "run.log_replicas")
+        changed = [k for k in now if k in then and then[k] != now[k] and not k.startswith(free)]
+        if changed:
+            k = changed[0]
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise ConfigError(f"resume=true cannot continue {path}: it was written with {k}={then[k]!r} but this "
+                              f"run has {k}={now[k]!r}{more}; rerun with the same values or into another run dir.")
         s = self.state
         s.step, s.t, s.gradient_evaluations = payload["step"], payload["t"], payload["gradient_evaluations"]
         s.diverged = payload["diverged"].to(self.device)
@@ -309,20 +331,39 @@ def progress_bar(cfg: DictConfig, total: int, start: int):
 
 
 def headline(summary: dict[str, Any]) -> dict[str, float]:
-    """The final metrics shown in TensorBoard's HPARAMS tab and the printed table."""
+    """The final metrics shown in TensorBoard's HPARAMS tab (those the run has)."""
     agg = summary["aggregates"]
-    out = {"energy_median": agg["energy"]["median"], "energy_max": agg["energy"]["max"],
-           "effective_rank_median": agg["effective_rank"]["median"],
-           "near_rank_one_fraction": summary["near_rank_one"] / summary["replicas"],
-           "balancedness_drift_max": agg["balancedness_drift"]["max"],
+    out = {"near_rank_one_fraction": summary["near_rank_one"] / summary["replicas"],
            "diverged": float(summary["diverged_count"]), "t": float(summary["t"])}
-    if "test_error" in agg:
-        out["test_error_median"] = agg["test_error"]["median"]
+    for name, stat in (("energy", "median"), ("energy", "max"), ("effective_rank", "median"),
+                       ("balancedness_drift", "max"), ("test_error", "median"),
+                       ("downstairs_distance", "max")):
+        if name in agg:
+            out[f"{name}_{stat}"] = agg[name][stat]
     return out
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    """Train as `cfg` says and return the summary (also written to summary.json)."""
+    """Train as `cfg` says and return the summary (also written to summary.json).
+
+    `threads` sets torch's threads for this process (launcher jobs get cores // parallel jobs).
+    With `resume=true` and a checkpoint.pt in the run dir the run continues from it (a completed
+    run just returns its summary); otherwise it starts afresh, and TensorBoard events that an
+    earlier attempt left in the run dir move to tb/superseded-<time>/, so no step appears twice.
+    """
     cfg = as_config(cfg)
     validate(cfg)
-    return Lab(cfg).train()
+    if cfg.threads is not None:
+        if not (isinstance(cfg.threads, int) and cfg.threads >= 1):
+            raise ConfigError(f"threads={cfg.threads!r} is not allowed: it must be an integer ≥ 1, or null for torch's default.")
+        torch.set_num_threads(cfg.threads)
+    lab = Lab(cfg)
+    events = lab.out / EVENTS
+    if not (cfg.resume and (lab.out / CHECKPOINT).is_file()) and events.is_dir():
+        stale = sorted(events.glob("events.out.tfevents.*"))
+        if stale:
+            aside = events / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{len(list(events.glob('superseded-*')))}"
+            aside.mkdir(parents=True)
+            for file in stale:
+                file.replace(aside / file.name)
+    return lab.train()

@@ -1,0 +1,120 @@
+"""Bad input ends before any training with one sentence naming the key, the value and what is
+allowed (ConfigError; the CLI turns it into that sentence and exit status 2)."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import ValidationError, ConfigKeyError
+
+from dlntorch.config import ConfigError
+from dlntorch.train import run
+
+BAD = [
+    (["model.depth=0"], "model.depth", "0"),
+    (["model.widths=[2,0,2]"], "model.widths", "[2, 0, 2]"),
+    (["model.widths=[3,4,2]"], "model.widths", "[3, 4, 2]"),
+    (["model.widths=[2,3,3,2]", "model.depth=2"], "model.depth", "2"),
+    (["optim.lr=0"], "optim.lr", "0"),
+    (["optim.lr=-0.1"], "optim.lr", "-0.1"),
+    (["optim.lr=inf"], "optim.lr", "inf"),
+    (["optim.lr=nan"], "optim.lr", "nan"),
+    (["optim=langevin", "optim.beta=0"], "optim.beta", "0"),
+    (["optim=langevin", "optim.beta=-2"], "optim.beta", "-2"),
+    (["replicas=0"], "replicas", "0"),
+    (["task=completion", "task.size=5", "task.observations=26"], "task.observations", "26"),
+    (["task=completion", "task.observations=0"], "task.observations", "0"),
+    (["task=completion", "task.size=5", "task.rank=6"], "task.rank", "6"),
+    (["task=completion", "task.shape=[3,5]", "task.rank=4"], "task.rank", "4"),
+    (["task.loss=l1"], "task.loss", "'l1'"),
+    (["dtype=float16"], "dtype", "'float16'"),
+    (["device=tpu"], "device", "'tpu'"),
+    (["init.name=xavier"], "init.name", "'xavier'"),
+    (["optim.name=rmsprop"], "optim.name", "'rmsprop'"),
+    (["init.scale=0"], "init.scale", "0"),
+    (["run.steps=0"], "run.steps", "0"),
+    (["run.log_points=1"], "run.log_points", "1"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,value", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_values_name_key_value_and_what_is_allowed(make_cfg, tmp_path, overrides, key, value):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError) as error:
+        run(cfg)
+    message = str(error.value)
+    assert message.startswith(f"{key}={value} is not allowed: ") and message.endswith(".")
+    assert message.count("\n") == 0
+    assert not (tmp_path / "run").exists()       # nothing written: it failed before any compute
+
+
+def test_cuda_without_cuda(make_cfg):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device=cuda is valid here")
+    with pytest.raises(ConfigError, match=r"^device='cuda' is not allowed: this machine has no CUDA"):
+        run(make_cfg("device=cuda"))
+
+
+def completion_file(tmp_path, name, **arrays):
+    path = tmp_path / name
+    if name.endswith(".npz"):
+        np.savez(path, **arrays)
+    else:
+        torch.save({k: torch.as_tensor(v) for k, v in arrays.items()}, path)
+    return str(path)
+
+
+def test_task_file_missing(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"^task.file='.*nope.npz' is not allowed: no such file\.$"):
+        run(make_cfg("task=completion", f"task.file={tmp_path}/nope.npz"))
+
+
+def test_task_file_unreadable(make_cfg, tmp_path):
+    bad = tmp_path / "garbage.npz"
+    bad.write_bytes(b"this is not an archive")
+    with pytest.raises(ConfigError, match=r"^task.file='.*garbage.npz' is not allowed: it could not be read"):
+        run(make_cfg("task=completion", f"task.file={bad}"))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_task_file_mask_and_values_disagree(make_cfg, tmp_path, suffix):
+    path = completion_file(tmp_path, "data" + suffix, mask=np.ones((3, 3), bool), values=np.ones((3, 4)))
+    with pytest.raises(ConfigError, match=r"is not allowed: mask and values must be matrices of one shape "
+                                          r"\(mask \(3, 3\), values \(3, 4\)\)\.$"):
+        run(make_cfg("task=completion", f"task.file={path}"))
+
+
+def test_task_file_without_the_arrays(make_cfg, tmp_path):
+    path = completion_file(tmp_path, "data.npz", M=np.ones((3, 3)))
+    with pytest.raises(ConfigError, match=r"must hold arrays named 'mask' and 'values' \(found \['M'\]\)\.$"):
+        run(make_cfg("task=completion", f"task.file={path}"))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_task_file_is_trained_on(make_cfg, tmp_path, suffix):
+    mask = np.array([[1, 1, 0], [0, 1, 1]], bool)
+    truth = np.outer([1.0, 2.0], [1.0, -1.0, 0.5])
+    path = completion_file(tmp_path, "data" + suffix, mask=mask, values=np.where(mask, truth, 0.0), truth=truth)
+    summary = run(make_cfg("task=completion", f"task.file={path}", "replicas=4", "run.steps=200"))
+    assert summary["widths"][0] == 3 and summary["widths"][-1] == 2
+    assert "test_error" in summary["final"]
+
+
+def test_widths_must_match_a_file_task(make_cfg, tmp_path):
+    path = completion_file(tmp_path, "data.npz", mask=np.ones((2, 3), bool), values=np.ones((2, 3)))
+    with pytest.raises(ConfigError, match=r"^model.widths=\[2, 4, 2\] is not allowed: its ends must match "
+                                          r"the task's 2x3 matrix: d_0 = 3 and d_N = 2\.$"):
+        run(make_cfg("task=completion", f"task.file={path}", "model.widths=[2,4,2]"))
+
+
+@pytest.mark.parametrize("overrides", [["model.deph=3"], ["replicas=many"], ["init=xavier"],
+                                       ["experiment=nope"], ["optim.lr=fast"]])
+def test_typos_and_wrong_types_fail_in_hydra(make_cfg, overrides):
+    with pytest.raises((ConfigCompositionException, HydraException, ValidationError, ConfigKeyError)):
+        make_cfg(*overrides)
+
+
+def test_widths_define_the_depth(make_cfg):
+    summary = run(make_cfg("model.widths=[2,3,3,3,2]", "replicas=2", "run.steps=10"))
+    assert summary["depth"] == 4 and summary["widths"] == [2, 3, 3, 3, 2]

@@ -1,0 +1,79 @@
+"""Initial conditions: balanced points, fibre moves, scales."""
+import math
+
+import pytest
+import torch
+
+from dlntorch import init
+from dlntorch.network import balancedness_of, chain
+
+gen = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
+
+
+@pytest.mark.parametrize("widths", [[2, 2, 2, 2], [3, 5, 4, 2], [4, 3, 3, 2], [2, 6, 2]])
+@pytest.mark.parametrize("scale", [1e-3, 1.0])
+def test_balanced_init_is_balanced_and_factors_the_drawn_matrix(widths, scale):
+    B = 16
+    factors = init.balanced(widths, B, scale, "product", gen(1))
+    # the drawn end-to-end matrix: the first draw of the same generator
+    W = scale * torch.randn(B, widths[-1], widths[0], generator=gen(1))
+    # G_p = 0 and W reproduced up to rounding of O(scale^{2/N}) quantities
+    for G in balancedness_of(factors):
+        assert G.flatten(1).norm(dim=1).max() <= 1e-10 * scale ** 2
+    torch.testing.assert_close(chain(factors), W, rtol=0, atol=1e-13 * scale)
+
+
+def test_balanced_init_through_a_narrow_layer_is_low_rank_and_balanced():
+    widths = [3, 2, 3]
+    factors = init.balanced(widths, 50, 1.0, "product", gen(6))
+    W = chain(factors)
+    assert torch.linalg.matrix_rank(W).max() == 2
+    assert max(G.abs().max() for G in balancedness_of(factors)) < 1e-12   # rounding of O(1) entries
+    # entries of variance s² = 1: 450 samples, standard error ≈ 7 % on the variance; allow 25 %
+    assert abs(W.pow(2).mean().item() - 1) < 0.25
+
+
+@pytest.mark.parametrize("widths", [[2, 2, 2, 2], [3, 4, 4, 3], [2, 3, 2]])
+def test_unbalanced_init_keeps_the_product_and_reaches_the_requested_imbalance(widths):
+    B, imbalance = 12, 0.7
+    start = init.balanced(widths, B, 0.5, "product", gen(2))
+    moved = init.unbalanced(widths, B, 0.5, "product", gen(2), imbalance=imbalance)
+    # a fibre move: the product is unchanged up to rounding
+    torch.testing.assert_close(chain(moved), chain(start), rtol=0, atol=1e-12)
+    # bisection to machine precision on ‖G(s)‖ − imbalance
+    torch.testing.assert_close(init.total_balancedness(moved), torch.full((B,), imbalance), rtol=1e-10, atol=0)
+
+
+def test_gaussian_product_scale_gives_product_entries_of_that_size():
+    widths, B, scale = [3, 8, 8, 3], 4000, 1e-2
+    W = chain(init.gaussian(widths, B, scale, "product", gen(3)))
+    # Var W_ij = scale² exactly; 36000 samples give the RMS to ≈ 0.4 % standard error … but the
+    # entries of a product are heavy-tailed (fourth moment ~ 3^N), so allow 5 %
+    assert abs(W.pow(2).mean().sqrt().item() / scale - 1) < 0.05
+
+
+def test_gaussian_layer_scale_is_the_per_layer_std():
+    factors = init.gaussian([4, 6, 4], 2000, 0.3, "layer", gen(4))
+    for f in factors:
+        assert abs(f.std().item() / 0.3 - 1) < 0.02   # ≥ 32000 samples: standard error 0.4 %
+
+
+def test_orthogonal_and_identity():
+    widths = [3, 5, 2]
+    orth = init.orthogonal(widths, 7, 0.5, "layer", gen(5))
+    for f in orth:
+        d_out, d_in = f.shape[-2:]
+        gram = f @ f.mT if d_out <= d_in else f.mT @ f
+        torch.testing.assert_close(gram, 0.25 * torch.eye(min(d_out, d_in)).expand_as(gram), rtol=0, atol=1e-14)
+    ident = init.identity([2, 2, 2, 2], 3, 0.1, "product", gen())
+    torch.testing.assert_close(chain(ident), 0.1 * torch.eye(2).expand(3, 2, 2), rtol=1e-14, atol=0)
+
+
+def test_initial_conditions_are_seeded():
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create({"name": "gaussian", "scale": 0.1, "scale_of": "layer", "imbalance": 0.0})
+    a = init.initial_factors(cfg, [2, 2, 2], 4, seed=11)
+    b = init.initial_factors(cfg, [2, 2, 2], 4, seed=11)
+    c = init.initial_factors(cfg, [2, 2, 2], 4, seed=12)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
