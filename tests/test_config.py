@@ -118,3 +118,22 @@ def test_typos_and_wrong_types_fail_in_hydra(make_cfg, overrides):
 def test_widths_define_the_depth(make_cfg):
     summary = run(make_cfg("model.widths=[2,3,3,3,2]", "replicas=2", "run.steps=10"))
     assert summary["depth"] == 4 and summary["widths"] == [2, 3, 3, 3, 2]
+
+
+EXPERIMENTS = ["seed2x2", "other_minimisers", "free_energy", "infinite_depth", "balance_by_noise",
+               "conservation", "rank_jumps"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_preset_composes_and_runs(make_cfg, experiment):
+    summary = run(make_cfg(f"experiment={experiment}", "replicas=2", "run.steps=20", "run.time=null"))
+    assert summary["config"]["experiment"] == experiment and summary["steps"] <= 20
+
+
+def test_the_atlas_lists_every_preset():
+    from pathlib import Path
+    presets = sorted(p.stem for p in (Path(__file__).parents[1] / "dlntorch/conf/experiment").glob("*.yaml"))
+    assert presets == sorted(EXPERIMENTS)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in presets:
+        assert f"`{name}`" in readme
