@@ -30,6 +30,7 @@ class TaskConfig:
     size: int = 2                       # square ground truth size×size …
     shape: Optional[list[int]] = None   # … or [m, n] (overrides size)
     rank: int = 1                       # rank of the ground truth
+    spectrum: Optional[list[float]] = None  # its singular values (overrides rank and the scaling)
     observations: int = 2               # observed entries (completion) / measurements (sensing)
     samples: int = 100                  # regression: number of input samples
     noise: float = 0.0                  # std of additive noise on observed values
@@ -194,7 +195,12 @@ def validate(cfg: Any) -> None:
         _fail("task.noise", task.noise, "it must be a finite number ≥ 0")
     if task.file is None:
         m, n = task_shape(task)
-        if task.name in ("completion", "sensing", "regression"):
+        if task.name in ("completion", "sensing", "regression") and task.spectrum is not None:
+            spectrum = list(task.spectrum)
+            if not spectrum or len(spectrum) > min(m, n) or any(not (math.isfinite(x) and x > 0) for x in spectrum):
+                _fail("task.spectrum", spectrum, f"it must list between 1 and min(m, n) = {min(m, n)} "
+                      "finite singular values > 0")
+        elif task.name in ("completion", "sensing", "regression"):
             _at_least("task.rank", task.rank, 1)
             if task.rank > min(m, n):
                 _fail("task.rank", task.rank, f"it must be at most min(m, n) = {min(m, n)} for a {m}x{n} matrix")

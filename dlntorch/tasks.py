@@ -217,6 +217,15 @@ def low_rank_truth(m: int, n: int, rank: int, generator: torch.Generator) -> Ten
     return truth * math.sqrt(m * n) / truth.norm()
 
 
+def truth_with_spectrum(m: int, n: int, spectrum: list[float], generator: torch.Generator) -> Tensor:
+    """U diag(spectrum) V^T with Haar-random orthonormal columns U, V: a ground truth whose singular
+    values are prescribed (well-separated ones make incremental learning visible)."""
+    r = len(spectrum)
+    U, _ = torch.linalg.qr(torch.randn(m, r, generator=generator, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, r, generator=generator, dtype=torch.float64))
+    return U @ torch.diag(torch.tensor(list(spectrum), dtype=torch.float64)) @ V.T
+
+
 def uniform_mask(m: int, n: int, count: int, generator: torch.Generator) -> Tensor:
     """`count` entries drawn uniformly without replacement."""
     mask = torch.zeros(m * n, dtype=torch.bool)
@@ -264,7 +273,8 @@ def build_task(cfg: Any, seed: int) -> Task:
         mask, values, truth = load_completion_file(cfg.file)
         return Completion(mask, values, loss, truth)
     m, n = task_shape(cfg)
-    truth = low_rank_truth(m, n, cfg.rank, generator)
+    truth = low_rank_truth(m, n, cfg.rank, generator) if cfg.spectrum is None else \
+        truth_with_spectrum(m, n, cfg.spectrum, generator)
     noise = lambda *shape: cfg.noise * torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
     if cfg.name == "completion":
         mask = uniform_mask(m, n, cfg.observations, generator)

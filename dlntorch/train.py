@@ -25,6 +25,7 @@ from torch import Tensor
 from . import __version__
 from .config import Config, ConfigError, resolve_depth, validate
 from .dynamics import Dynamics, build_dynamics
+from .events import summarise_events
 from .init import initial_factors
 from .logger import (TensorBoardLog, Trajectory, aggregate, flat_hparams, log_steps, to_numpy,
                      write_json)
@@ -282,6 +283,9 @@ class Lab:
         live = final["diverged"] == 0
         aggregates = {k: aggregate(np.where(live, v, np.nan)) for k, v in final.items()
                       if v.ndim == 1 and k not in ("step", "t", "diverged")}
+        # first passage below the stop level (1e-8 when the run has none) and rank jumps
+        events = summarise_events(s.trajectory.arrays(), cfg.run.stop_energy or 1e-8)
+        aggregates["convergence_time"] = aggregate(np.where(live, events["convergence_time"], np.nan))
         return {
             "status": "completed",
             "stopped_by": "stop_energy" if stopped else ("time" if cfg.run.time is not None
@@ -301,6 +305,7 @@ class Lab:
             "near_rank_one": int(((final["effective_rank"] < cfg.run.rank_one_tol) & live).sum()),
             "aggregates": aggregates,
             "final": per_replica,
+            "events": events,
         }
 
 

@@ -27,6 +27,8 @@ BAD = [
     (["task=completion", "task.observations=0"], "task.observations", "0"),
     (["task=completion", "task.size=5", "task.rank=6"], "task.rank", "6"),
     (["task=completion", "task.shape=[3,5]", "task.rank=4"], "task.rank", "4"),
+    (["task=completion", "task.size=3", "task.spectrum=[3,2,1,0.5]"], "task.spectrum", "[3.0, 2.0, 1.0, 0.5]"),
+    (["task=sensing", "task.spectrum=[1,-1]"], "task.spectrum", "[1.0, -1.0]"),
     (["task.loss=l1"], "task.loss", "'l1'"),
     (["dtype=float16"], "dtype", "'float16'"),
     (["device=tpu"], "device", "'tpu'"),

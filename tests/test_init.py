@@ -77,3 +77,15 @@ def test_initial_conditions_are_seeded():
     c = init.initial_factors(cfg, [2, 2, 2], 4, seed=12)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
+
+
+def test_a_prescribed_spectrum_is_the_truths():
+    from omegaconf import OmegaConf
+    from dlntorch.config import TaskConfig
+    from dlntorch.tasks import build_task
+    cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig),
+                          {"name": "completion", "size": 6, "spectrum": [5.0, 2.0, 0.5], "observations": 30})
+    truth = build_task(cfg, 0).truth
+    # Haar columns from QR are orthonormal to rounding
+    torch.testing.assert_close(torch.linalg.svdvals(truth)[:3], torch.tensor([5.0, 2.0, 0.5]), rtol=1e-14, atol=0)
+    assert torch.linalg.matrix_rank(truth) == 3
