@@ -67,7 +67,8 @@ def _replica_norm(state) -> Tensor:
     return torch.stack([x.pow(2).flatten(1).mean(1).sqrt().max() for x in parts]).max()
 
 
-def _solve(rhs: _Counted, state, times: Tensor, method: str, rtol: float, atol: float, step_size):
+def _solve(rhs: _Counted, state, times: Tensor, method: str, rtol: float, atol: float, step_size,
+           first_step: float | None = None):
     """odeint over `times`, returning the states at every time (stacked along a new axis 0).
 
     Adaptive methods run once over the whole grid (dense output between the times). Fixed-step
@@ -76,7 +77,7 @@ def _solve(rhs: _Counted, state, times: Tensor, method: str, rtol: float, atol: 
     """
     if method in ADAPTIVE:
         return odeint(rhs, state, times, method=method, rtol=rtol, atol=atol,
-                      options=dict(norm=_replica_norm))
+                      options=dict(norm=_replica_norm, first_step=first_step))
     if method not in FIXED_STEP:
         raise ValueError(f"method={method!r} must be one of {ADAPTIVE + FIXED_STEP}")
     if step_size is not None and not step_size > 0:
@@ -113,6 +114,7 @@ def integrate_upstairs(
     rtol: float = 1e-10,
     atol: float = 1e-12,
     step_size: float | None = None,
+    first_step: float | None = None,
 ) -> tuple[list[Tensor], int]:
     """The gradient flow dW_p/dt = −∂L/∂W_p from `factors` at t = times[0].
 
@@ -125,7 +127,7 @@ def integrate_upstairs(
     factors = tuple(factor.detach() for factor in factors)
     times = _time_grid(times, factors[0])
     rhs = _Counted(lambda state: tuple(upstairs_velocity(list(state), grad_fn)))
-    trajectory = _solve(rhs, factors, times, method, rtol, atol, step_size)
+    trajectory = _solve(rhs, factors, times, method, rtol, atol, step_size, first_step)
     return list(trajectory), rhs.calls
 
 
@@ -140,6 +142,7 @@ def integrate_downstairs(
     rtol: float = 1e-10,
     atol: float = 1e-12,
     step_size: float | None = None,
+    first_step: float | None = None,
 ) -> tuple[Tensor, int]:
     """The Riemannian gradient flow of E for g^N on the product, from W0 at times[0].
 
@@ -160,32 +163,79 @@ def integrate_downstairs(
     W0 = W0.detach()
     times = _time_grid(times, W0)
     rhs = _Counted(lambda W: scale * downstairs_velocity(W, grad_fn, N))
-    return _solve(rhs, W0, times, method, rtol, atol, step_size), rhs.calls
+    return _solve(rhs, W0, times, method, rtol, atol, step_size, first_step), rhs.calls
 
 
 # ------------------------------------------------------------------ the run loop's adapters
 
+WINDOW = 32   # logged times per solver call
+
+
 class _FlowDynamics(Dynamics):
-    """Shared by the flows: integrate from one pause of the run loop to the next (logged times
-    only: an ODE solver needs no stop checks in between), t = lr × step on the same grid as the
-    step-based dynamics. Frozen (diverged) replicas get zero velocity and a zero state, so they
-    cannot spoil the solver's error norm; they report NaN."""
+    """Shared by the flows: t = lr × step on the same grid as the step-based dynamics, pausing
+    only at logged times (an ODE solver needs no stop checks in between).
+
+    One solver call spans the next WINDOW pauses and the states at those times are kept, so the
+    adaptive solver does not restart (a fresh step selection, a ramp-up and an overshot last step)
+    at every logged time; it also starts each window with the step size it last used. Frozen
+    (diverged) replicas get zero velocity and a zero state, so they cannot spoil the solver's
+    error norm; they report NaN. A resumed flow continues from its checkpointed state with fresh
+    windows: the same trajectory to the solver's tolerance, not bit for bit."""
 
     step_based = False
 
-    def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task):
+    def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task, state: tuple[Tensor, ...]):
         super().__init__(cfg.optim.lr)
-        self.task, self.step = task, 0
+        self.task, self.step, self.state = task, 0, state
         self.solver = dict(method=cfg.optim.method, rtol=cfg.optim.rtol, atol=cfg.optim.atol,
                            step_size=cfg.optim.lr if cfg.optim.method in FIXED_STEP else None)
+        self.adaptive = cfg.optim.method in ADAPTIVE
+        self.first_step: float | None = None
         self.dead = torch.zeros(net.replicas, dtype=torch.bool, device=net.factors[0].device)
+        self.pauses: list[int] = []
+        self.ahead: dict[int, tuple[Tensor, ...]] = {}   # states already integrated, by step
+
+    # -- what a flow defines -----------------------------------------------------------------
+    def integrate(self, state: tuple[Tensor, ...], times: list[float], options: dict) -> list[tuple[Tensor, ...]]:
+        """The states at times[1:], counting gradient evaluations."""
+        raise NotImplementedError
+
+    # -- the loop's interface ----------------------------------------------------------------
+    def plan(self, pauses) -> None:
+        self.pauses = sorted(int(p) for p in pauses)
+
+    def advance(self, steps: int) -> None:
+        target = self.step + steps
+        if target not in self.ahead:
+            window = [p for p in self.pauses if p > self.step][:WINDOW]
+            if target not in window:         # a pause the plan did not announce
+                window = [target]
+            times = [self.time(self.step)] + [self.time(p) for p in window]
+            calls = self.gradient_evaluations
+            self.ahead = dict(zip(window, self.integrate(self.state, times, self.options())))
+            self.carry_step(times, self.gradient_evaluations - calls)
+        self.state = self.ahead.pop(target)
+        self.ahead = {p: s for p, s in self.ahead.items() if p > target}
+        self.step = target
+
+    def options(self) -> dict[str, Any]:
+        return {**self.solver, "first_step": self.first_step} if self.adaptive else self.solver
+
+    def carry_step(self, times: list[float], calls: int) -> None:
+        # ≈ 6 new evaluations per dopri5 step; a window done in one step may have been shorter
+        # than the step the solver could take, so it does not shrink the estimate
+        steps = calls / 6
+        if self.adaptive and steps > 1.5:
+            self.first_step = (times[-1] - times[0]) / steps
 
     def gradient(self, W: Tensor) -> Tensor:
         return torch.where(self.dead.view(-1, 1, 1), 0.0, self.task.gradient(W))
 
-    def interval(self, steps: int) -> list[float]:
-        t0, self.step = self.time(self.step), self.step + steps
-        return [t0, self.time(self.step)]
+    def freeze(self, diverged: Tensor) -> None:
+        if bool((diverged != self.dead).any()):
+            self.dead = diverged.clone()
+            self.state = tuple(torch.where(self.dead.view(-1, 1, 1), 0.0, x) for x in self.state)
+            self.ahead.clear()                # integrated with the old velocities
 
     def _report(self, x: Tensor) -> Tensor:
         return torch.where(self.dead.view(-1, *[1] * (x.ndim - 1)), torch.nan, x)
@@ -194,60 +244,64 @@ class _FlowDynamics(Dynamics):
     def energy(self) -> Tensor:
         return self.task.energy(chain(self.factors()))
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": [x.cpu() for x in self.state], "step": self.step, "dead": self.dead.cpu(),
+                "first_step": self.first_step, "gradient_evaluations": self.gradient_evaluations}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        device = self.dead.device
+        self.state = tuple(x.to(device) for x in saved["state"])
+        self.step, self.dead = saved["step"], saved["dead"].to(device)
+        self.first_step, self.gradient_evaluations = saved["first_step"], saved["gradient_evaluations"]
+        self.ahead.clear()
+
 
 class UpstairsFlow(_FlowDynamics):
     """optim=flow: dW_p/dt = −∂L/∂W_p by an ODE solver to tolerance; with compare_downstairs the
-    downstairs g^N flow of the product runs alongside from the same (balanced) start."""
+    downstairs g^N flow of the product runs alongside from the same (balanced) start. The state
+    is (W_1, …, W_N[, W_downstairs])."""
 
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task):
-        super().__init__(cfg, net, task)
-        self.net = net
-        self.state = [f.detach().clone() for f in net.factors]
-        self.downstairs = chain(self.state).clone() if cfg.optim.compare_downstairs else None
+        factors = tuple(f.detach().clone() for f in net.factors)
+        compare = cfg.optim.compare_downstairs
+        super().__init__(cfg, net, task, factors + ((chain(factors).clone(),) if compare else ()))
+        self.net, self.compare, self.N = net, compare, len(factors)
         self.downstairs_evaluations = 0
 
-    def advance(self, steps: int) -> None:
-        times = self.interval(steps)
-        path, calls = integrate_upstairs(self.state, self.gradient, times, **self.solver)
-        self.state = [w[-1] for w in path]
-        self.net.set_factors(self.state)
+    def integrate(self, state, times, options):
+        factors = state[:self.N]
+        path, calls = integrate_upstairs(factors, self.gradient, times, **options)
         self.gradient_evaluations += calls
-        if self.downstairs is not None:
-            path, calls = integrate_downstairs(self.downstairs, self.gradient, times, len(self.state),
-                                               **self.solver)
-            self.downstairs = path[-1]
+        columns = list(path)
+        if self.compare:
+            down, calls = integrate_downstairs(state[self.N], self.gradient, times, self.N, **options)
             self.downstairs_evaluations += calls
+            columns.append(down)
+        return [tuple(x[k] for x in columns) for k in range(1, len(times))]
+
+    def advance(self, steps: int) -> None:
+        super().advance(steps)
+        self.net.set_factors(self.state[:self.N])
 
     def factors(self) -> list[Tensor]:
-        return [self._report(f) for f in self.state]
+        return [self._report(f) for f in self.state[:self.N]]
 
     def observables(self) -> dict[str, Tensor]:
-        if self.downstairs is None:
+        if not self.compare:
             return {}
-        gap = (chain(self.state) - self.downstairs).flatten(1).norm(dim=1)
+        gap = (chain(self.state[:self.N]) - self.state[self.N]).flatten(1).norm(dim=1)
         return {"downstairs_distance": self._report(gap)}
 
-    def freeze(self, diverged: Tensor) -> None:
-        self.dead = diverged.clone()
-        keep = lambda x: torch.where(self.dead.view(-1, 1, 1), 0.0, x)  # noqa: E731
-        self.state = [keep(f) for f in self.state]
-        if self.downstairs is not None:
-            self.downstairs = keep(self.downstairs)
+    def counters(self) -> dict[str, int]:
+        return {"downstairs_gradient_evaluations": self.downstairs_evaluations} if self.compare else {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"factors": [f.cpu() for f in self.state], "step": self.step, "dead": self.dead.cpu(),
-                "downstairs": None if self.downstairs is None else self.downstairs.cpu(),
-                "gradient_evaluations": self.gradient_evaluations,
-                "downstairs_evaluations": self.downstairs_evaluations}
+        return {**super().state_dict(), "downstairs_evaluations": self.downstairs_evaluations}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.dead.device
-        self.state = [f.to(device) for f in state["factors"]]
-        self.net.set_factors(self.state)
-        self.step, self.dead = state["step"], state["dead"].to(device)
-        self.downstairs = None if state["downstairs"] is None else state["downstairs"].to(device)
-        self.gradient_evaluations = state["gradient_evaluations"]
-        self.downstairs_evaluations = state["downstairs_evaluations"]
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        super().load_state_dict(saved)
+        self.downstairs_evaluations = saved["downstairs_evaluations"]
+        self.net.set_factors(self.state[:self.N])
 
 
 class DownstairsFlow(_FlowDynamics):
@@ -255,36 +309,22 @@ class DownstairsFlow(_FlowDynamics):
     inf; default the model's depth), in t (raw) or τ = N t (per_depth; required for N = inf)."""
 
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task):
-        super().__init__(cfg, net, task)
+        super().__init__(cfg, net, task, (net.product().detach().clone(),))
         self.N = net.depth if cfg.optim.depth is None else parse_depth(cfg.optim.depth)
         self.time_scale = cfg.optim.time_scale
-        self.W = net.product().detach().clone()
 
     @property
     def depth(self) -> Depth:
         return self.N
 
-    def advance(self, steps: int) -> None:
-        path, calls = integrate_downstairs(self.W, self.gradient, self.interval(steps), self.N,
-                                           time_scale=self.time_scale, **self.solver)
-        self.W = path[-1]
+    def integrate(self, state, times, options):
+        path, calls = integrate_downstairs(state[0], self.gradient, times, self.N,
+                                           time_scale=self.time_scale, **options)
         self.gradient_evaluations += calls
+        return [(W,) for W in path[1:]]
 
     def factors(self) -> list[Tensor]:
-        return [self._report(self.W)]
-
-    def freeze(self, diverged: Tensor) -> None:
-        self.dead = diverged.clone()
-        self.W = torch.where(self.dead.view(-1, 1, 1), 0.0, self.W)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"W": self.W.cpu(), "step": self.step, "dead": self.dead.cpu(),
-                "gradient_evaluations": self.gradient_evaluations}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.dead.device
-        self.W, self.step, self.dead = state["W"].to(device), state["step"], state["dead"].to(device)
-        self.gradient_evaluations = state["gradient_evaluations"]
+        return [self._report(self.state[0])]
 
 
 def build_flow_dynamics(cfg: Any, net: DeepLinearNetwork, task: Task) -> _FlowDynamics:

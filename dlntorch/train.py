@@ -241,6 +241,7 @@ class Lab:
         logged = {int(row["step"]) for row in s.trajectory.rows}
         ends = chunk_ends(self.grid, cfg.run.stop_check_every if self.dynamics.step_based else None,
                           self.total_steps)
+        self.dynamics.plan(ends)
         bar = progress_bar(cfg, self.total_steps, s.step)
         stopped = False
         if s.step == 0 and 0 not in logged:
@@ -300,6 +301,7 @@ class Lab:
             "steps": s.step,
             "t": s.t,
             "gradient_evaluations": s.gradient_evaluations,
+            **self.dynamics.counters(),
             "wall_time": s.elapsed + self.wall(),
             "diverged_count": int((~live).sum()),
             "near_rank_one": int(((final["effective_rank"] < cfg.run.rank_one_tol) & live).sum()),
