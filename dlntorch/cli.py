@@ -1,13 +1,25 @@
-"""The command line: a thin @hydra.main around `train.run`, and the printed report."""
+"""The command line: a thin @hydra.main around `train.run`, the printed report, and what a job
+does when it fails (records it, so a sweep's table shows it) or runs under a parallel launcher
+(takes its share of the cores, no more)."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sys
+import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -37,22 +49,136 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _multirun() -> bool:
+# ------------------------------------------------------------------------ where the job runs
+
+def _hydra_config() -> Any | None:
     from hydra.core.hydra_config import HydraConfig
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _multirun() -> bool:
     from hydra.types import RunMode
-    return HydraConfig.get().mode == RunMode.MULTIRUN
+    hc = _hydra_config()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
+
+
+def available_cores() -> int:
+    """Cores this process may use (its CPU affinity: a SLURM allocation, taskset, a container)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:      # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def launcher_threads() -> int | None:
+    """Torch threads for one job of a parallel launcher, so that jobs × threads ≤ cores.
+
+    joblib runs n_jobs jobs at once on this machine: cores // n_jobs each (n_jobs = -1 means all
+    cores, -2 all but one, as joblib counts). submitit jobs get their cpus_per_task; without it,
+    a SLURM job uses the cores of its allocation (its affinity) and a local one a single core, since
+    submitit_local starts every job of the array at once. The basic launcher runs one job at a time
+    in this process: torch's default. None means "leave torch's default".
+    """
+    hc = _hydra_config()
+    if hc is None or not _multirun():
+        return None
+    launcher = hc.launcher
+    target = str(launcher.get("_target_", ""))
+    cores = available_cores()
+    if "joblib" in target.lower():
+        n_jobs = int(launcher.get("n_jobs") or -1)
+        if n_jobs < 0:
+            n_jobs = max(cores + 1 + n_jobs, 1)
+        return max(cores // n_jobs, 1)
+    if "submitit" in target.lower():
+        cpus = launcher.get("cpus_per_task")
+        if cpus:
+            return int(cpus)
+        return cores if "slurm" in target.lower() else 1
+    return None
+
+
+def run_dir(cfg: DictConfig) -> Path | None:
+    """The job's run dir, as train.output_dir finds it, without creating one outside Hydra."""
+    out = OmegaConf.select(cfg, "run.out_dir", default=None)
+    if out is not None:
+        return Path(str(out))
+    hc = _hydra_config()
+    return Path(hc.runtime.output_dir) if hc is not None else None
+
+
+# ------------------------------------------------------------------------ failures
+
+def record_failure(cfg: DictConfig, error: BaseException) -> Path | None:
+    """Write a `status: failed` summary.json (error, config, seeds, traceback) into the run dir,
+    so that `dlntorch.collect` lists the run with why. A completed summary is never overwritten.
+    Returns the path written, or None. Never raises: it runs while handling another error."""
+    try:
+        out = run_dir(cfg)
+        if out is None:
+            return None
+        path = out / SUMMARY
+        if path.is_file():
+            try:
+                if json.loads(path.read_text()).get("status") == "completed":
+                    return None
+            except (OSError, ValueError):
+                pass
+        try:
+            config = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:       # a broken interpolation: keep the raw values
+            config = OmegaConf.to_container(cfg, resolve=False)
+        try:
+            from .train import derive_seeds
+            seeds = derive_seeds(cfg)
+        except Exception:
+            seeds = {"seed": OmegaConf.select(cfg, "seed", default=None)}
+        hc = _hydra_config()
+        summary = {
+            "status": "failed",
+            "error": {"type": type(error).__name__, "message": str(error),
+                      "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__))},
+            "out_dir": str(out),
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": os.uname().nodename if hasattr(os, "uname") else None,
+            "overrides": list(hc.overrides.task) if hc is not None else None,
+            "checkpoint": (out / "checkpoint.pt").is_file(),
+            "config": config,
+            "seeds": seeds,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        from .logger import write_json
+        write_json(path, summary)
+        return path
+    except Exception as inner:     # recording must never hide the real error
+        log.warning("could not record the failure in summary.json: %s", inner)
+        return None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if isinstance(error, ConfigError) else f"{type(error).__name__}: {text}"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from .train import run   # torch is imported here, after Hydra has parsed the command line
 
+    if cfg.threads is None:
+        cfg.threads = launcher_threads()
     try:
         summary = run(cfg)
-    except ConfigError as error:
+    except Exception as error:
+        where = record_failure(cfg, error)
         if _multirun():
-            raise     # Hydra marks this job failed and the sweep's other jobs go on
-        print(f"dlntorch: error: {error}", file=sys.stderr)
-        sys.exit(2)
+            # Hydra marks this job failed, the batch's other jobs go on, and the sweep exits
+            # non-zero at the end; summary.json keeps the error for `dlntorch.collect`
+            log.error("job failed: %s%s", _one_line(error), f" (recorded in {where})" if where else "")
+            raise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(error, ConfigError):
+            raise
+        detail = f" (traceback in {where})" if where and not isinstance(error, ConfigError) else ""
+        print(f"dlntorch: error: {_one_line(error)}{detail}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
     print(report(summary))
     return float(summary["aggregates"]["energy"]["median"])   # for sweepers that optimise
