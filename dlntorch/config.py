@@ -282,3 +282,4 @@ def validate(cfg: Any) -> None:
     _one_of("run.gradient", run.gradient, ("auto", "closed_form", "autograd"))
     _one_of("run.on_divergence", run.on_divergence, ("freeze", "error"))
     _positive_finite("run.rank_tol", run.rank_tol)
+    _positive_finite("run.checkpoint_minutes", run.checkpoint_minutes)

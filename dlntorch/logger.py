@@ -39,6 +39,7 @@ def atomic_write_bytes(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; results are for collaborators too
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -47,6 +48,12 @@ def atomic_write_bytes(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -131,10 +138,12 @@ class TensorBoardLog:
                 if finite.size:
                     self.writer.add_histogram(f"final/{name}", finite, step)
 
-    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         # run_name="." keeps the hparams in this run's own folder, so the HPARAMS tab shows one
-        # row per run of a sweep next to its scalars
-        self.writer.add_hparams(dict(hparams), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        # row per run of a sweep next to its scalars; at the final step, so that a resumed run's
+        # purge covers them
+        self.writer.add_hparams(dict(hparams), {f"hparam/{k}": v for k, v in metrics.items()},
+                                run_name=".", global_step=step)
 
     def close(self) -> None:
         self.writer.close()

@@ -136,6 +136,8 @@ class Lab:
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()])
         self.beta = cfg.optim.beta if cfg.optim.name == "langevin" else None
+        self.stopped = False      # by run.stop_energy
+        self.finished = False     # the final state is checkpointed
 
     # -- checkpoints -----------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -153,7 +155,8 @@ class Lab:
         payload = {"step": s.step, "t": s.t, "gradient_evaluations": s.gradient_evaluations,
                    "diverged": s.diverged.cpu(), "G0": [g.cpu() for g in s.G0],
                    "trajectory_rows": len(s.trajectory.rows), "elapsed": s.elapsed + self.wall(),
-                   "dynamics": self.dynamics.state_dict(), "config": OmegaConf.to_container(self.cfg)}
+                   "dynamics": self.dynamics.state_dict(), "config": OmegaConf.to_container(self.cfg),
+                   "stopped": self.stopped, "finished": self.finished}
         atomic_write_bytes(self.out / CHECKPOINT, lambda h: torch.save(payload, h))
         self.last_checkpoint = (s.step, time.monotonic())
 
@@ -185,6 +188,7 @@ class Lab:
         s.G0 = [g.to(self.device) for g in payload["G0"]]
         s.trajectory = Trajectory.load(self.out / TRAJECTORY, payload["trajectory_rows"])
         s.elapsed = payload["elapsed"]
+        self.stopped, self.finished = payload["stopped"], payload["finished"]
         self.dynamics.load_state_dict(payload["dynamics"])
         return True
 
@@ -235,15 +239,18 @@ class Lab:
             previous = json.loads((self.out / SUMMARY).read_text())
             if previous.get("status") == "completed":
                 return previous       # nothing left to do: the run had finished
+        # resuming purges the events past the checkpoint; past a final checkpoint, the final
+        # step's own events too (the reports may have been half written), which finish rewrites
         self.tb = TensorBoardLog(self.out / EVENTS, cfg.run.log_replicas,
-                                 purge_step=s.step + 1 if resumed else None)
+                                 purge_step=None if not resumed else s.step if self.finished else s.step + 1)
         self.last_checkpoint = (s.step, time.monotonic())
         logged = {int(row["step"]) for row in s.trajectory.rows}
         ends = chunk_ends(self.grid, cfg.run.stop_check_every if self.dynamics.step_based else None,
                           self.total_steps)
         self.dynamics.plan(ends)
+        if self.finished:     # killed after its final checkpoint: only the reports are left
+            return self.finish()
         bar = progress_bar(cfg, self.total_steps, s.step)
-        stopped = False
         if s.step == 0 and 0 not in logged:
             self.check()
             self.log()
@@ -251,29 +258,35 @@ class Lab:
             self.dynamics.advance(int(end) - s.step)
             s.gradient_evaluations = self.dynamics.gradient_evaluations
             s.step, s.t = int(end), self.dynamics.time(int(end))
-            stopped = self.check()
-            if end in self.grid or stopped or end == self.total_steps:
+            self.stopped = self.check()
+            if end in self.grid or self.stopped or end == self.total_steps:
                 self.log()
             if bar is not None:
                 bar.update(int(end) - bar.n)
-            if stopped:
+            if self.stopped:
                 break
             if self.checkpoint_due():
                 self.checkpoint()
         if bar is not None:
             bar.close()
-        return self.finish(stopped)
+        return self.finish()
 
-    def finish(self, stopped: bool) -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
+        """The final checkpoint first (the state is final), then the reports: a kill in between
+        resumes straight to the reports, with the final row, the stop reason and no step twice."""
         s = self.state
-        final = s.trajectory.rows[-1] if s.trajectory.rows and int(s.trajectory.rows[-1]["step"]) == s.step \
-            else self.log()
-        diverged = final["diverged"] > 0
-        self.tb.histograms(s.step, final, diverged)
-        summary = self.summarise(final, stopped)
-        self.tb.hparams(flat_hparams(summary["config"]), headline(summary))
+        if self.finished:         # resumed past the final checkpoint: its step was purged
+            self.tb.scalars(s.step, s.t, s.trajectory.rows[-1], s.trajectory.rows[-1]["diverged"] > 0)
+        else:
+            if not s.trajectory.rows or int(s.trajectory.rows[-1]["step"]) != s.step:
+                self.log()
+            self.finished = True
+            self.checkpoint()     # writes trajectory.npz too
+        final = s.trajectory.rows[-1]
+        self.tb.histograms(s.step, final, final["diverged"] > 0)
+        summary = self.summarise(final, self.stopped)
+        self.tb.hparams(flat_hparams(summary["config"]), headline(summary), s.step)
         self.tb.close()
-        self.checkpoint()     # writes trajectory.npz too
         write_json(self.out / SUMMARY, summary)
         return summary
 

@@ -174,3 +174,27 @@ def test_a_fresh_run_into_a_used_run_dir_sets_the_old_events_aside(tmp_path, mak
     for tag, points in scalars(tb).items():
         steps = [step for step, _ in points]
         assert len(steps) == len(set(steps)), tag
+
+
+def test_a_run_killed_between_its_final_checkpoint_and_its_summary_resumes_to_the_reports(
+        tmp_path, make_cfg, monkeypatch):
+    """The final checkpoint is written before the reports: resuming writes them once, with the
+    stop reason of the run, and no event twice."""
+    base = ["replicas=4", "init.scale=0.5", "run.stop_energy=1e-6"]
+    reference = run(make_cfg(*base, out="reference"))
+    assert reference["stopped_by"] == "stop_energy"
+
+    import dlntorch.train as train
+    real_write_json = train.write_json
+
+    def killed(path, data):
+        raise KeyboardInterrupt       # the process dies before summary.json is written
+    monkeypatch.setattr(train, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*base, out="killed"))
+    monkeypatch.setattr(train, "write_json", real_write_json)
+    assert not (tmp_path / "killed" / "summary.json").exists()
+
+    resumed = run(make_cfg(*base, "resume=true", out="killed"))
+    assert_same_run(resumed, reference)
+    assert_tensorboard_like(tmp_path / "killed" / "tb", tmp_path / "reference" / "tb")
