@@ -1,0 +1,606 @@
+"""dlntorch's performance benchmark: every target of the Speed issue as a ratio measured side by
+side in ONE process (interleaved repetitions, minimum over repeats: other tenants of the machine
+only ever add time), printed as a table and written as JSON.
+
+Baseline: what a new user writes — one network, autograd, torch.optim.SGD, no logging
+(`Baseline` below). "The lab" is dlntorch's own run loop (`train.Lab`: its dynamics advanced in
+chunks of run.stop_check_every steps, each followed by the stop test) on the same task, the same
+initial condition and the same learning rate.
+
+Sections (CPU unless said):
+  1  seed 2x2, depth 3, GD, float64: replica-steps/s at B = 1, 64, 1024, 4096, 16384 against the
+     baseline's steps/s; the step time at B = 1; the logging overhead of the default grid.
+  2  100x100 rank-5 completion, depth 3, 2000 observations, float32 and float64, B = 1: the step
+     time against the baseline's, and the fraction of the CPU's matmul rate achieved (a bare loop
+     of the same 100x100 matmuls, measured in the same run: a step needs 6 of them).
+  3  memory: peak RSS per replica (fresh child processes at two B; the slope), the largest B
+     under --memory-budget-gb, and the RSS growth over 1e5 steps of the run loop.
+  4  --device cuda (or auto on a CUDA machine): replica-steps/s on the 2x2 task for B up to 2^20,
+     eager and with CUDA graphs, modelled memory traffic against --peak-bandwidth (H200: 4.3 TB/s),
+     peak memory per replica (torch.cuda.max_memory_allocated). Prints 'skipped: no CUDA' otherwise.
+
+    python scripts/bench.py --quick                  # smoke run, well under a minute
+    python scripts/bench.py --json outputs/bench.json  # the full table (a few minutes on 2 cores)
+    python scripts/bench.py --device cuda --sections 4
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short smoke run (fewer repeats, shorter chunks)")
+    ap.add_argument("--json", default="outputs/bench.json", help="where the table goes as JSON ('' for nowhere)")
+    ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="section 4 runs on CUDA when this is cuda or auto and CUDA is present")
+    ap.add_argument("--sections", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; quick 3)")
+    ap.add_argument("--memory-budget-gb", type=float, default=8.0, help="CPU memory budget for 'largest B'")
+    ap.add_argument("--peak-bandwidth", type=float, default=4.3e12, help="the card's memory bandwidth, B/s")
+    ap.add_argument("--probe", nargs=3, metavar=("CASE", "B", "STEPS"), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args()
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+import dlntorch.logger as dlnlogger  # noqa: E402
+from dlntorch.train import Lab, chunk_ends  # noqa: E402
+
+torch.set_num_threads(ARGS.threads)
+
+SEED = ["task=seed2x2", "model.depth=3", "optim=gd"]                       # the default run's task
+# optim.lr=0.01: with the gd default lr 0.05 this task diverges within ~30 steps (its largest
+# curvature grows with σ_max(W*)^{2−2/N} ~ 45^{4/3}); 0.01 is stable and reaches E ≈ 1e-3 in 3000
+# steps. Timing NaN arithmetic would measure nothing useful.
+COMPLETION = ["task=completion", "task.size=100", "task.rank=5", "task.observations=2000",
+              "model.depth=3", "optim=gd", "optim.lr=0.01", "replicas=1"]
+CASES = {"seed2x2": SEED, "completion100": COMPLETION}
+TMP = Path(tempfile.mkdtemp(prefix="dlntorch-bench-"))
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def config(*overrides: str, out: str = "run"):
+    """The composed Hydra config, as `python -m dlntorch <overrides>` would build it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module("dlntorch.conf", version_base="1.3"):
+        device = [] if any(o.startswith("device=") for o in overrides) else ["device=cpu"]
+        return compose("config", overrides=[f"run.out_dir={TMP / out}", "run.progress=false",
+                                            *device, *overrides])
+
+
+def make_lab(*overrides: str, out: str = "run") -> Lab:
+    return Lab(config(*overrides, out=out))
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Baseline:
+    """The plain single-network loop a new user writes: autograd, torch.optim.SGD, no logging.
+
+    Same task (mask, observed values), same initial factors (replica 0 of the lab's) and lr."""
+
+    def __init__(self, factors, mask, target, lr):
+        self.start = [f.detach().clone() for f in factors]
+        self.W = [f.clone().requires_grad_() for f in self.start]
+        self.mask, self.target = mask, target
+        self.optimizer = torch.optim.SGD(self.W, lr=lr)
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for w, w0 in zip(self.W, self.start):
+                w.copy_(w0)
+
+    def run(self, steps: int) -> None:
+        W1, W2, W3 = self.W
+        for _ in range(steps):
+            self.optimizer.zero_grad()
+            W = W3 @ W2 @ W1
+            loss = 0.5 * ((self.mask * (W - self.target)) ** 2).sum()
+            loss.backward()
+            self.optimizer.step()
+
+
+def baseline_for(lab: Lab) -> Baseline:
+    factors = [f[0] for f in lab.dynamics.factors()]
+    return Baseline(factors, lab.task.mask.clone(), lab.task.values.clone(), lab.cfg.optim.lr)
+
+
+class LabLoop:
+    """The lab's run loop without logging: advance run.stop_check_every steps, then the stop test
+    (its one host sync), as Lab.train does between logged times. `reset` restores the initial
+    factors so that every timed chunk runs the same stretch of the trajectory."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.start = [f.clone() for f in lab.dynamics.factors()]
+        self.every = lab.cfg.run.stop_check_every
+
+    def reset(self) -> None:
+        self.lab.net.set_factors(self.start)
+
+    def run(self, steps: int) -> None:
+        dyn, check = self.lab.dynamics, self.lab.check
+        while steps > 0:
+            k = min(self.every, steps)
+            dyn.advance(k)
+            check()
+            steps -= k
+
+
+def calibrate(runner, device, target_s: float) -> int:
+    """Steps per timed chunk so that one chunk takes about target_s."""
+    n = 1
+    while True:
+        runner.reset()
+        sync(device)
+        t0 = time.perf_counter()
+        runner.run(n)
+        sync(device)
+        dt = time.perf_counter() - t0
+        if dt > target_s / 4 or n >= 1 << 20:
+            return max(1, int(n * target_s / max(dt, 1e-9)))
+        n *= 4
+
+
+def race(runners: dict, device, repeats: int, target_s: float) -> dict[str, dict]:
+    """Interleave the runners' timed chunks `repeats` times; seconds per step (min, median)."""
+    steps = {name: calibrate(r, device, target_s) for name, r in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, r in runners.items():
+            r.reset()
+            sync(device)
+            t0 = time.perf_counter()
+            r.run(steps[name])
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / steps[name])
+    return {name: {"min": min(ts), "median": float(np.median(ts)), "steps": steps[name], "all": ts}
+            for name, ts in times.items()}
+
+
+ROWS: list[dict] = []
+
+
+def row(section: str, name: str, value, unit: str, target: str | None = None, ok: bool | None = None,
+        note: str = "") -> dict:
+    r = {"section": section, "name": name, "value": value, "unit": unit, "target": target,
+         "pass": ok, "note": note}
+    ROWS.append(r)
+    return r
+
+
+def fmt(value) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    a = abs(value)
+    if a >= 1e5 or (a < 1e-2 and a > 0):
+        return f"{value:.3g}"
+    return f"{value:,.3g}" if a < 100 else f"{value:,.0f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("section", "measurement", "value", "unit", "target", "pass")
+    body = [(r["section"], r["name"], fmt(r["value"]), r["unit"], r["target"] or "",
+             {True: "PASS", False: "FAIL", None: ""}[r["pass"]]) for r in rows]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    print(line(head))
+    print(line(["-" * w for w in widths]))
+    for cells in body:
+        print(line(cells))
+
+
+# ------------------------------------------------------------------------------ section 1
+
+def section_seed(repeats: int, chunk_s: float, quick: bool) -> dict:
+    print("\n[1] seed 2x2, depth 3, GD, float64, CPU", flush=True)
+    Bs = [1, 64, 1024, 4096, 16384]
+    labs = {B: make_lab(*SEED, f"replicas={B}", out=f"seed{B}") for B in Bs}
+    base = baseline_for(labs[1])
+    runners = {"baseline": base, **{f"lab B={B}": LabLoop(lab) for B, lab in labs.items()}}
+    res = race(runners, "cpu", repeats, chunk_s)
+    t_base = res["baseline"]["min"]
+    out = {"baseline_step_s": t_base, "baseline_steps_per_s": 1 / t_base, "lab": {}}
+    row("1 seed2x2", "baseline (autograd + SGD, 1 net)", 1 / t_base, "steps/s")
+    for B in Bs:
+        t = res[f"lab B={B}"]["min"]
+        ratio = B / t * t_base
+        out["lab"][B] = {"step_s": t, "replica_steps_per_s": B / t, "ratio": ratio,
+                         "layout": labs[B].dynamics.layout}
+        target, ok = {1024: ("≥ 100x", ratio >= 100), 4096: ("≥ 1000x", ratio >= 1000)}.get(B, (None, None))
+        row("1 seed2x2", f"lab B={B} ({labs[B].dynamics.layout}) replica-steps/s / baseline steps/s",
+            ratio, "x", target, ok, note=f"{B / t:.3g} replica-steps/s")
+    r1 = res["lab B=1"]["min"] / t_base
+    row("1 seed2x2", "lab B=1 step time / baseline step time", r1, "x", "≤ 1.0x", r1 <= 1.0,
+        note=f"{res['lab B=1']['min'] * 1e6:.1f} µs vs {t_base * 1e6:.1f} µs")
+    out["b1_step_ratio"] = r1
+    out["logging"] = {}
+    for B in ([256] if quick else [256, 1]):
+        out["logging"][B] = logging_overhead(SEED, "seed2x2", B, 1 if quick else 3)
+    return out
+
+
+@contextlib.contextmanager
+def timed_logging(acc: dict):
+    """Time where logging goes: observables, TensorBoard scalars, the end (histograms, hparams,
+    checkpoint, trajectory.npz, summary.json)."""
+    saved_observe, saved_scalars, saved_finish = Lab.observe, dlnlogger.TensorBoardLog.scalars, Lab.finish
+
+    def wrap(fn, key):
+        def inner(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+        return inner
+
+    Lab.observe, dlnlogger.TensorBoardLog.scalars = wrap(saved_observe, "observe"), wrap(saved_scalars, "tb_scalars")
+    Lab.finish = wrap(saved_finish, "finish")
+    try:
+        yield acc
+    finally:
+        Lab.observe, dlnlogger.TensorBoardLog.scalars, Lab.finish = saved_observe, saved_scalars, saved_finish
+
+
+def logging_overhead(case: list[str], label: str, B: int, repeats: int) -> dict:
+    """The default run of `case` (its default log grid and stop rule) through Lab.train, against
+    the same steps with the same stop tests and no logging at all."""
+    with_log, without, parts, steps, points = [], [], {}, None, None
+    for i in range(repeats):
+        lab = make_lab(*case, f"replicas={B}", out=f"log{label}{B}-{i}")
+        acc: dict = {}
+        with timed_logging(acc):
+            t0 = time.perf_counter()
+            summary = lab.train()
+            with_log.append(time.perf_counter() - t0)
+        parts = {k: min(v, parts.get(k, math.inf)) for k, v in acc.items()}
+        steps, points = summary["steps"], len(lab.state.trajectory.rows)
+        bare = make_lab(*case, f"replicas={B}", out=f"nolog{label}{B}-{i}")
+        cfg, s = bare.cfg, bare.state
+        t0 = time.perf_counter()
+        bare.check()
+        ends = chunk_ends(bare.grid, cfg.run.stop_check_every, bare.total_steps)
+        for end in ends[ends > 0]:
+            bare.dynamics.advance(int(end) - s.step)
+            s.step, s.t = int(end), bare.dynamics.time(int(end))
+            if bare.check():
+                break
+        without.append(time.perf_counter() - t0)
+        assert s.step == steps, (s.step, steps)
+    t_log, t_bare = min(with_log), min(without)
+    overhead = t_log / t_bare - 1
+    note = (f"{steps} steps, {points} logged points: {t_log:.2f} s vs {t_bare:.2f} s; per point: "
+            + ", ".join(f"{k} {1e3 * v / points:.2f} ms" for k, v in parts.items() if k != "finish")
+            + f"; end of run {parts.get('finish', 0):.2f} s")
+    section = "1 seed2x2" if label == "seed2x2" else "2 completion"
+    row(section, f"logging overhead, {label} default run (B={B}, default grid)", 100 * overhead, "%", "≤ 10 %",
+        overhead <= 0.10, note=note)
+    return {"with_logging_s": t_log, "without_logging_s": t_bare, "overhead": overhead, "steps": steps,
+            "logged_points": points, "parts_s": parts}
+
+
+# ------------------------------------------------------------------------------ section 2
+
+class MatmulLoop:
+    """The physical limit: the same 100x100 matmuls as a step, bare (6 per step at depth 3)."""
+
+    def __init__(self, n: int, dtype):
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = (torch.randn(n, n, generator=g, dtype=dtype) for _ in range(2))
+        self.out = torch.empty(n, n, dtype=dtype)
+
+    def reset(self) -> None:
+        pass
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            torch.mm(self.a, self.b, out=self.out)
+
+
+def section_completion(repeats: int, chunk_s: float, quick: bool) -> dict:
+    print("\n[2] 100x100 rank-5 completion, depth 3, 2000 observations, B = 1, CPU", flush=True)
+    out = {}
+    for dtype in ("float32", "float64"):
+        lab = make_lab(*COMPLETION, f"dtype={dtype}", out=f"completion-{dtype}")
+        base = baseline_for(lab)
+        runners = {"baseline": base, "lab": LabLoop(lab), "matmul": MatmulLoop(100, getattr(torch, dtype))}
+        res = race(runners, "cpu", repeats, chunk_s)
+        t_base, t_lab, t_mm = (res[k]["min"] for k in ("baseline", "lab", "matmul"))
+        ratio = t_lab / t_base
+        flops = 2 * 100 ** 3
+        frac_lab, frac_base = 6 * t_mm / t_lab, 6 * t_mm / t_base
+        out[dtype] = {"baseline_step_s": t_base, "lab_step_s": t_lab, "matmul_s": t_mm, "ratio": ratio,
+                      "matmul_gflops": flops / t_mm / 1e9, "lab_matmul_fraction": frac_lab,
+                      "baseline_matmul_fraction": frac_base}
+        row("2 completion", f"{dtype}: lab step / baseline step", ratio, "x", "≤ 1.1x", ratio <= 1.1,
+            note=f"{t_lab * 1e6:.0f} µs vs {t_base * 1e6:.0f} µs")
+        row("2 completion", f"{dtype}: lab's fraction of the matmul rate (6 matmuls/step)", 100 * frac_lab, "%",
+            note=f"bare 100x100 matmul {t_mm * 1e6:.1f} µs = {flops / t_mm / 1e9:.1f} GFLOP/s (1 thread); "
+                 f"baseline reaches {100 * frac_base:.0f} %")
+    if not quick:   # where a step costs ~0.3 ms rather than ~0.05 ms
+        out["logging"] = logging_overhead(COMPLETION, "completion100", 1, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------ section 3
+
+def rss_kib(field: str = "VmRSS") -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"{field}:\s+(\d+)", text).group(1))
+    except (OSError, AttributeError):
+        import resource
+        if field == "VmHWM":
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak // 1024 if sys.platform == "darwin" else peak
+        return None
+
+
+def probe(case: str, B: int, steps: int) -> None:
+    """Child process: build the lab at B, run `steps` steps of the loop and one logged row; print
+    the process's peak RSS and the bytes per replica of one logged row."""
+    lab = make_lab(*CASES[case], f"replicas={B}", out=f"probe-{case}-{B}")
+    loop = LabLoop(lab)
+    loop.run(steps)
+    stepping = rss_kib("VmHWM")
+    row_ = lab.observe()
+    row_bytes = sum(v.nbytes for v in row_.values()) / B
+    print(json.dumps({"peak_kib": stepping, "peak_observe_kib": rss_kib("VmHWM"), "row_bytes": row_bytes,
+                      "layout": lab.dynamics.layout}))
+
+
+def run_probes(specs: list[tuple[str, int, int]]) -> dict:
+    procs = {spec: subprocess.Popen([sys.executable, __file__, "--threads", str(ARGS.threads),
+                                     "--probe", *map(str, spec)], stdout=subprocess.PIPE, text=True)
+             for spec in specs}
+    out = {}
+    for spec, p in procs.items():
+        text, _ = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"memory probe {spec} failed")
+        out[spec] = json.loads(text.strip().splitlines()[-1])
+    return out
+
+
+def section_memory(quick: bool) -> dict:
+    print("\n[3] memory (CPU)", flush=True)
+    budget = ARGS.memory_budget_gb * 2 ** 30
+    pairs = {"seed2x2": (4096, 65536 if quick else 262144, 200),
+             "completion100": (1, 16 if quick else 64, 10)}
+    probes = run_probes([(case, B, steps) for case, (b1, b2, steps) in pairs.items() for B in (b1, b2)])
+    out = {}
+    for case, (b1, b2, steps) in pairs.items():
+        p1, p2 = probes[(case, b1, steps)], probes[(case, b2, steps)]
+        per = (p2["peak_kib"] - p1["peak_kib"]) * 1024 / (b2 - b1)
+        fixed = p1["peak_kib"] * 1024 - per * b1
+        per_observe = (p2["peak_observe_kib"] - p1["peak_observe_kib"]) * 1024 / (b2 - b1)
+        row_bytes = p2["row_bytes"]
+        state_bytes = _state_bytes(case)
+        largest = int((budget - fixed) / per)
+        # a run also keeps its logged rows (up to run.log_points of them) in memory
+        points = 200
+        largest_run = int((budget - fixed) / (max(per, per_observe) + points * row_bytes))
+        out[case] = {"peak_per_replica_bytes": per, "peak_per_replica_with_observe_bytes": per_observe,
+                     "fixed_bytes": fixed, "factor_bytes": state_bytes,
+                     "row_bytes_per_replica": row_bytes, "largest_B_steps": largest,
+                     "largest_B_run_default_grid": largest_run, "probes": {b1: p1, b2: p2}}
+        row("3 memory", f"{case}: peak RSS per replica, stepping", per / 1024, "KiB",
+            note=f"slope between B={b1} and B={b2} ({p2['layout']} layout); the factors alone: {state_bytes} B; "
+                 f"fixed {fixed / 2 ** 20:.0f} MiB (interpreter, torch, hydra)")
+        row("3 memory", f"{case}: peak RSS per replica, stepping + one logged point", per_observe / 1024, "KiB",
+            note="observables: SVDs, balancedness, entropy at a logged time")
+        row("3 memory", f"{case}: largest B in {ARGS.memory_budget_gb:g} GiB (stepping)", largest, "replicas",
+            note=f"a whole run, which also keeps its ≤ {points} logged rows ({row_bytes:.0f} B/replica each) "
+                 f"in memory: {largest_run:,}")
+    out["growth"] = growth(10_000 if quick else 100_000)
+    return out
+
+
+def _state_bytes(case: str) -> int:
+    if case == "seed2x2":
+        return 3 * 2 * 2 * 8
+    return 3 * 100 * 100 * 8
+
+
+def growth(steps: int) -> dict:
+    """RSS along `steps` steps of the run loop, read at every tenth: a per-step leak grows
+    linearly, a one-off allocation (allocator arenas, first use of a kernel) does not. The
+    verdict is on the last nine tenths; the note gives the whole before → after too."""
+    out = {}
+    for B in (1, 1024):
+        lab = make_lab(*SEED, f"replicas={B}", out=f"growth{B}")
+        loop = LabLoop(lab)
+        loop.run(1000)
+        series = [rss_kib()]
+        t0 = time.perf_counter()
+        for _ in range(10):
+            loop.run(steps // 10)
+            series.append(rss_kib())
+        wall = time.perf_counter() - t0
+        if series[0] is None:
+            row("3 memory", f"RSS growth over {steps:.0e} steps (seed2x2, B={B})", "no /proc", "")
+            continue
+        grown = (series[-1] - series[1]) * 1024
+        out[B] = {"steps": steps, "rss_kib": series, "growth_bytes": grown,
+                  "growth_bytes_per_step": grown / (steps * 0.9)}
+        row("3 memory", f"RSS growth over {steps:.0e} steps (seed2x2, B={B}, {lab.dynamics.layout})",
+            grown / 1024, "KiB", "≤ 1024 KiB (no per-step growth)", grown <= 1 << 20,
+            note=f"RSS at every tenth: {series[0]} → {series[1]} → … → {series[-1]} KiB; "
+                 f"{steps} steps in {wall:.1f} s")
+    return out
+
+
+# ------------------------------------------------------------------------------ section 4
+
+def modelled_bytes(widths: list[int], layout: str, itemsize: int) -> tuple[int, int]:
+    """Memory traffic per replica per step of the eager GD step on a completion task, counting
+    every op as reading its operands and writing its result once (no cache reuse), and the
+    compulsory traffic (read and write each factor once)."""
+    def mm(m, k, n):  # (m x k)(k x n)
+        if layout == "batch":
+            return m * k + k * n + m * n
+        return (m + n + m * n) + (k - 1) * (m + n + 2 * m * n)
+    d = widths
+    N, total = len(d) - 1, 0
+    for p in range(2, N + 1):                      # prefix products
+        total += mm(d[p], d[p - 1], d[0])
+    total += 8 * d[N] * d[0]                       # ∇E: sub, mask, mask, scale (read + write each)
+    for p in range(N, 1, -1):                      # grad_p and back_{p-1}
+        total += mm(d[p], d[0], d[p - 1]) + mm(d[p - 1], d[p], d[0])
+    sizes = sum(a * b for a, b in zip(d[:-1], d[1:]))
+    total += 3 * sizes                             # p += -lr g: read p, g; write p
+    return total * itemsize, 2 * sizes * itemsize
+
+
+def section_cuda(repeats: int, chunk_s: float, quick: bool) -> dict:
+    print("\n[4] CUDA", flush=True)
+    if ARGS.device == "cpu" or not torch.cuda.is_available():
+        why = "skipped: --device cpu" if ARGS.device == "cpu" else "skipped: no CUDA"
+        print(why)
+        row("4 cuda", "replica-steps/s up to B=2^20; bandwidth vs peak", why, "")
+        return {"skipped": why}
+    Bs = [2 ** k for k in ((10, 14, 18, 20) if quick else (10, 12, 14, 16, 18, 20))]
+    return replica_sweep(torch.device("cuda"), Bs, repeats, chunk_s)
+
+
+def replica_sweep(dev: torch.device, Bs: list[int], repeats: int, chunk_s: float) -> dict:
+    """Replica-steps/s of the 2x2 task on `dev`, eager and with CUDA graphs (the flag is a no-op
+    off CUDA, which is how this runs in a CPU dry run), modelled bandwidth, peak memory."""
+    cuda = dev.type == "cuda"
+    name = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    base = baseline_for(make_lab(*SEED, "replicas=1", f"device={dev.type}", out="sweep-base"))
+    t_base = race({"baseline": base}, dev, repeats, chunk_s)["baseline"]["min"]
+    out: dict = {"device": name, "baseline_steps_per_s": 1 / t_base, "lab": {}}
+    row("4 cuda", f"baseline on {name}", 1 / t_base, "steps/s")
+    for B in Bs:
+        lab = make_lab(*SEED, f"replicas={B}", f"device={dev.type}", out=f"sweep{B}")
+        lab_g = make_lab(*SEED, f"replicas={B}", f"device={dev.type}", out=f"sweepg{B}")
+        lab_g.dynamics.cuda_graphs = True
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        res = race({"eager": LabLoop(lab), "graphs": LabLoop(lab_g)}, dev, repeats, chunk_s)
+        traffic, compulsory = modelled_bytes(lab.widths, lab.dynamics.layout, 8)
+        entry = {"layout": lab.dynamics.layout, "graph_captured": lab_g.dynamics._graph is not None,
+                 "peak_bytes": torch.cuda.max_memory_allocated(dev) if cuda else None,
+                 "modelled_bytes_per_replica_step": traffic, "compulsory_bytes_per_replica_step": compulsory}
+        for mode in ("eager", "graphs"):
+            t = res[mode]["min"]
+            rs = B / t
+            entry[mode] = {"step_s": t, "replica_steps_per_s": rs, "ratio": rs * t_base,
+                           "modelled_bandwidth": traffic * rs, "compulsory_bandwidth": compulsory * rs}
+            row("4 cuda", f"B=2^{int(math.log2(B))} {mode}: replica-steps/s / baseline", rs * t_base, "x",
+                note=f"{rs:.3g} replica-steps/s; modelled traffic {traffic * rs / 1e12:.3g} TB/s = "
+                     f"{100 * traffic * rs / ARGS.peak_bandwidth:.1f} % of {ARGS.peak_bandwidth / 1e12:.1f} TB/s "
+                     f"(compulsory: {100 * compulsory * rs / ARGS.peak_bandwidth:.2f} %)")
+        out["lab"][B] = entry
+        del lab, lab_g
+        if cuda:
+            torch.cuda.empty_cache()
+    if cuda:
+        Bmax = Bs[-1]
+        # the eager and the graph lab were both alive: half of the two labs' peak is one run's
+        per = out["lab"][Bmax]["peak_bytes"] / 2 / Bmax
+        free, total = torch.cuda.mem_get_info(dev)
+        out["peak_per_replica_bytes"], out["largest_B"] = per, int(total / per)
+        row("4 cuda", f"peak memory per replica (max_memory_allocated / 2 labs at B=2^{int(math.log2(Bmax))})",
+            per, "B", note=f"largest B in the card's {total / 2 ** 30:.0f} GiB ≈ {int(total / per):,}")
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None}
+
+
+def main() -> int:
+    if ARGS.probe:
+        case, B, steps = ARGS.probe
+        probe(case, int(B), int(steps))
+        return 0
+    quick = ARGS.quick
+    repeats = ARGS.repeats or (3 if quick else 7)
+    chunk_s = 0.03 if quick else 0.12
+    sections = {s.strip() for s in ARGS.sections.split(",") if s.strip()}
+    started = time.perf_counter()
+    info = machine()
+    print(f"dlntorch bench — {datetime.date.today().isoformat()} — {info['cpu']}, {info['cores']} cores, "
+          f"{info['threads']} torch thread(s), torch {info['torch']}; repeats {repeats}, "
+          f"{'quick' if quick else 'full'}", flush=True)
+    details = {}
+    if "1" in sections:
+        details["seed2x2"] = section_seed(repeats, chunk_s, quick)
+    if "2" in sections:
+        details["completion100"] = section_completion(repeats, chunk_s, quick)
+    if "3" in sections:
+        details["memory"] = section_memory(quick)
+    if "4" in sections:
+        details["cuda"] = section_cuda(repeats, chunk_s, quick)
+    wall = time.perf_counter() - started
+    print()
+    print_table(ROWS)
+    for r in ROWS:
+        if r["note"]:
+            print(f"  · {r['name']}: {r['note']}")
+    failed = [r["name"] for r in ROWS if r["pass"] is False]
+    print(f"\n{sum(r['pass'] is True for r in ROWS)} pass, {len(failed)} fail; {wall:.0f} s")
+    if ARGS.json:
+        path = Path(ARGS.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "command": " ".join(["python", *sys.argv]), "machine": info, "quick": quick,
+                   "repeats": repeats, "wall_s": wall, "rows": ROWS, "details": details}
+        path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+        print(f"wrote {path}")
+    return 0
+
+
+def _jsonable(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    finally:
+        import shutil
+        shutil.rmtree(TMP, ignore_errors=True)
