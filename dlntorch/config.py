@@ -86,6 +86,7 @@ class RunConfig:
     checkpoint_every: int = 0           # steps between checkpoints (0: only at the end)
     checkpoint_minutes: float = 10.0    # wall-time between checkpoints
     on_divergence: str = "freeze"       # freeze (count it) | error
+    cuda_graphs: bool = False           # plain gd on CUDA: replay captured steps (launch-bound tiny matrices)
     progress: bool = True               # tqdm bar on runs longer than a few seconds
     out_dir: Optional[str] = None       # None: Hydra's run dir (or ./outputs/<time> from Python)
 

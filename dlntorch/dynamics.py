@@ -88,7 +88,7 @@ class StepDynamics(Dynamics):
       factors, energy, checkpoint and observables see the same state. Layout `batch` works on
       the parameters (B, d_p, d_{p−1}) directly with `bmm`. The choice is a fixed function of
       the shapes (never timed), so a run and its resumption take the same path.
-    - `cuda_graphs` (off by default; attribute or `run.cuda_graphs` where the schema has it):
+    - `run.cuda_graphs` (off by default):
       on CUDA, plain `gd` replays `graph_steps` steps captured once as a CUDA graph (one launch
       instead of ~20 per step: tiny matrices are launch-bound); any other case, and the remainder
       of a chunk, runs eagerly — the same kernels, so the eager path is the fallback.
@@ -116,7 +116,7 @@ class StepDynamics(Dynamics):
             raise ValueError(f"layout={layout!r} is not allowed here: 'batch', or 'planes' with optim gd|sgd|langevin "
                              "and closed-form gradients.")
         self.layout = layout
-        self.cuda_graphs = bool(_option(cfg, "run.cuda_graphs", False) if cuda_graphs is None else cuda_graphs)
+        self.cuda_graphs = cfg.run.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.graph_steps = graph_steps
         self._work: _Workspace | None = None
         self._graph: Any = None
@@ -279,16 +279,6 @@ class StepDynamics(Dynamics):
         for _ in range(steps // K):
             graph.replay()
         return steps - steps % K
-
-
-def _option(cfg: Any, key: str, default: Any) -> Any:
-    """A config value that the schema may not have (yet): its default when absent."""
-    try:
-        from omegaconf import OmegaConf
-        value = OmegaConf.select(cfg, key, default=default)
-    except Exception:  # noqa: BLE001 — not an OmegaConf config
-        return default
-    return default if value is None else value
 
 
 class _Workspace:

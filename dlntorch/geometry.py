@@ -228,7 +228,7 @@ def orbit_volume(d: int) -> float:
     return math.exp(log_orbit_volume(d))
 
 
-def entropy(W: Tensor, N: Depth, rtol: float | None = None) -> Tensor:
+def entropy(W: Tensor, N: Depth, rtol: float | None = None, singular_values: Tensor | None = None) -> Tensor:
     """S_N(W) = (N−1) log c_d + ½ Σ_{i<j} log f_N(s_i, s_j) for square W (B, d, d), shape (B,).
 
     Normalisation: exp S_N is the volume of the balanced fibre {W_p = Q_p Σ^{1/N} Q_{p−1}^T :
@@ -246,7 +246,7 @@ def entropy(W: Tensor, N: Depth, rtol: float | None = None) -> Tensor:
     if is_infinite_depth(N):
         raise ValueError("entropy S_N needs a finite depth N: (N−1) log c_d diverges as N → ∞")
     N = as_depth(N)
-    s = _drop_noise(torch.linalg.svdvals(W), W, rtol)
+    s = _drop_noise(torch.linalg.svdvals(W) if singular_values is None else singular_values, W, rtol)
     i, j = torch.triu_indices(d, d, offset=1, device=W.device)
     pairs = f_N(s[..., i], s[..., j], N)
     return (N - 1) * log_orbit_volume(d) + 0.5 * torch.log(pairs).sum(-1)
@@ -261,16 +261,18 @@ def free_energy(W: Tensor, energy: Tensor | Callable[[Tensor], Tensor], beta, N:
 # ------------------------------------------------------------------------ fibres and balance
 
 
-def balance_gap(factors: Sequence[Tensor], rtol: float | None = None) -> Tensor:
+def balance_gap(factors: Sequence[Tensor], rtol: float | None = None,
+                singular_values: Tensor | None = None) -> Tensor:
     """δ = Σ_p ‖W_p‖_F² − N Σ_i s_i^{2/N}, s the singular values of W = W_N ⋯ W_1; shape (B,).
 
     N Σ s_i^{2/N} is the minimum of Σ‖W_p‖² over the fibre of W, attained exactly at the
     balanced factorisations, so δ ≥ 0 (up to rounding) with equality iff balanced. Singular
     values below the noise cut of `_drop_noise` count as 0 (a rank-r product of narrow layers).
+    `singular_values` of the product, when the caller has them, save an SVD.
     """
     N = len(factors)
     W = chain(factors)
-    s = _drop_noise(torch.linalg.svdvals(W), W, rtol)
+    s = _drop_noise(torch.linalg.svdvals(W) if singular_values is None else singular_values, W, rtol)
     norms = sum(factor.square().sum(dim=(-2, -1)) for factor in factors)
     return norms - N * s.pow(2.0 / N).sum(-1)
 

@@ -68,7 +68,7 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
         out["balancedness_drift"] = total_norm([g - g0 for g, g0 in zip(G, G0)])
         for p, g in enumerate(G, start=1):
             out[f"balancedness_{p}"] = frobenius(g)
-        out["balance_gap"] = balance_gap(factors)
+        out["balance_gap"] = balance_gap(factors, singular_values=s)
     elif depth == 1:
         out["balancedness"] = out["balancedness_drift"] = out["balance_gap"] = torch.zeros_like(s[:, 0])
     out.update(effective_rank=effective_rank(s), stable_rank=stable_rank(s),
@@ -77,7 +77,7 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
         out["sigma_ratio"] = s[:, -1] / s[:, 0].clamp_min(torch.finfo(s.dtype).tiny)
         out["det"] = torch.linalg.det(W)
         if 1 < depth < math.inf:     # S_N has (N − 1) log c_d: none at N = 1 or N = inf
-            out["entropy"] = entropy(W, depth)
+            out["entropy"] = entropy(W, depth, singular_values=s)
             if beta is not None:
                 out["free_energy"] = task.energy(W) - out["entropy"] / beta
     out.update(task.observables(W))

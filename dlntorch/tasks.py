@@ -210,11 +210,13 @@ class Regression(Task):
 # ------------------------------------------------------------------------------ builders
 
 def low_rank_truth(m: int, n: int, rank: int, generator: torch.Generator) -> Tensor:
-    """U V^T with Gaussian factors, scaled so that its entries have unit RMS (‖W*‖_F² = mn)."""
+    """U V^T with Gaussian factors, scaled to spectral norm 1: the seed problem's scale (its
+    target I has s = 1), so one learning rate suits every size (a truth with entries of unit
+    size would have σ_1 ~ √(mn) and make GD unstable at the default lr for large matrices)."""
     U = torch.randn(m, rank, generator=generator, dtype=torch.float64)
     V = torch.randn(n, rank, generator=generator, dtype=torch.float64)
     truth = U @ V.T
-    return truth * math.sqrt(m * n) / truth.norm()
+    return truth / torch.linalg.matrix_norm(truth, ord=2)
 
 
 def truth_with_spectrum(m: int, n: int, spectrum: list[float], generator: torch.Generator) -> Tensor:

@@ -34,6 +34,8 @@ from .tasks import Task, build_task
 from .metrics import observe
 
 CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
+FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
+FLUSH_ELEMENTS = 1 << 22      # pending snapshot entries (×8 bytes) before observing them
 
 
 class DivergenceError(RuntimeError):
@@ -136,6 +138,8 @@ class Lab:
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()])
         self.beta = cfg.optim.beta if cfg.optim.name == "langevin" else None
+        self.pending: list[tuple] = []       # logged snapshots not yet observed (see log)
+        self.last_flush = time.monotonic()
         self.stopped = False      # by run.stop_energy
         self.finished = False     # the final state is checkpointed
 
@@ -145,6 +149,7 @@ class Lab:
         moment leaves the previous checkpoint whole and usable."""
         from .logger import atomic_write_bytes
         s = self.state
+        self.flush()
         # events up to this step reach the disk before the checkpoint names the step: a resumed
         # run purges the events past it (purge_step), so every step is in TensorBoard exactly once
         if getattr(self, "tb", None) is not None:
@@ -196,20 +201,44 @@ class Lab:
         return time.monotonic() - self.started
 
     # -- observing --------------------------------------------------------------------
-    def observe(self) -> dict[str, np.ndarray]:
-        obs = observe(self.dynamics.factors(), self.task, self.state.G0, self.cfg.run.rank_tol,
-                      beta=self.beta, depth=self.dynamics.depth, diverged=self.state.diverged)
-        obs.update(self.dynamics.observables())
-        row = to_numpy(obs)
-        row["diverged"] = self.state.diverged.cpu().numpy().astype(np.float64)
-        row["step"], row["t"] = np.asarray(self.state.step), np.asarray(self.state.t)
-        return row
+    # A logged time records a snapshot of the state (a copy: microseconds); the observables of
+    # many snapshots are computed in one batched call (SVDs of K·B matrices at once) when the
+    # batch is large, every FLUSH_SECONDS of wall time (TensorBoard stays live), at checkpoints
+    # and at the end. Observing at every logged time instead costs more than the steps of a
+    # short run.
+    def log(self) -> None:
+        s = self.state
+        self.pending.append((s.step, s.t, [f.clone() for f in self.dynamics.factors()],
+                             {k: v.clone() for k, v in self.dynamics.observables().items()},
+                             s.diverged.clone()))
+        elements = len(self.pending) * sum(f.numel() for f in self.pending[0][2])
+        if elements >= FLUSH_ELEMENTS or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            self.flush()
 
-    def log(self) -> dict[str, np.ndarray]:
-        row = self.observe()
-        self.state.trajectory.append(row)
-        self.tb.scalars(self.state.step, self.state.t, row, row["diverged"] > 0)
-        return row
+    def flush(self) -> None:
+        """Observe the pending snapshots as one batch of K·B replicas; append their rows."""
+        if not self.pending:
+            return
+        K, s = len(self.pending), self.state
+        steps, times, factors, extras, diverged = zip(*self.pending)
+        batched = [torch.cat(parts) for parts in zip(*factors)]
+        dead = torch.cat(diverged)
+        obs = observe(batched, self.task, [g.repeat(K, 1, 1) for g in s.G0], self.cfg.run.rank_tol,
+                      beta=self.beta, depth=self.dynamics.depth, diverged=dead)
+        obs.update({k: torch.cat([extra[k] for extra in extras]) for k in extras[0]})
+        arrays = to_numpy(obs)
+        dead = dead.cpu().numpy()
+        B = self.cfg.replicas
+        rows = []
+        for k in range(K):
+            row = {name: values[k * B:(k + 1) * B] for name, values in arrays.items()}
+            row["diverged"] = dead[k * B:(k + 1) * B].astype(np.float64)
+            row["step"], row["t"] = np.asarray(steps[k]), np.asarray(times[k])
+            rows.append(row)
+            s.trajectory.append(row)
+        self.tb.scalars(rows)
+        self.pending.clear()
+        self.last_flush = time.monotonic()
 
     def check(self) -> bool:
         """Divergence bookkeeping and the stop test (one host sync). True: stop now."""
@@ -276,9 +305,11 @@ class Lab:
         resumes straight to the reports, with the final row, the stop reason and no step twice."""
         s = self.state
         if self.finished:         # resumed past the final checkpoint: its step was purged
-            self.tb.scalars(s.step, s.t, s.trajectory.rows[-1], s.trajectory.rows[-1]["diverged"] > 0)
+            self.tb.scalars(s.trajectory.rows[-1:])
         else:
-            if not s.trajectory.rows or int(s.trajectory.rows[-1]["step"]) != s.step:
+            last = self.pending[-1][0] if self.pending else \
+                int(s.trajectory.rows[-1]["step"]) if s.trajectory.rows else None
+            if last != s.step:
                 self.log()
             self.finished = True
             self.checkpoint()     # writes trajectory.npz too

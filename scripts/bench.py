@@ -248,9 +248,11 @@ def section_seed(repeats: int, chunk_s: float, quick: bool) -> dict:
 
 @contextlib.contextmanager
 def timed_logging(acc: dict):
-    """Time where logging goes: observables, TensorBoard scalars, the end (histograms, hparams,
+    """Time where logging goes: snapshots (Lab.log), their batched observables with the
+    TensorBoard records (Lab.flush, which includes tb_scalars), the end (histograms, hparams,
     checkpoint, trajectory.npz, summary.json)."""
-    saved_observe, saved_scalars, saved_finish = Lab.observe, dlnlogger.TensorBoardLog.scalars, Lab.finish
+    saved_log, saved_flush = Lab.log, Lab.flush
+    saved_scalars, saved_finish = dlnlogger.TensorBoardLog.scalars, Lab.finish
 
     def wrap(fn, key):
         def inner(*a, **k):
@@ -261,12 +263,14 @@ def timed_logging(acc: dict):
                 acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
         return inner
 
-    Lab.observe, dlnlogger.TensorBoardLog.scalars = wrap(saved_observe, "observe"), wrap(saved_scalars, "tb_scalars")
+    Lab.log, Lab.flush = wrap(saved_log, "snapshot"), wrap(saved_flush, "flush")
+    dlnlogger.TensorBoardLog.scalars = wrap(saved_scalars, "tb_scalars")
     Lab.finish = wrap(saved_finish, "finish")
     try:
         yield acc
     finally:
-        Lab.observe, dlnlogger.TensorBoardLog.scalars, Lab.finish = saved_observe, saved_scalars, saved_finish
+        Lab.log, Lab.flush = saved_log, saved_flush
+        dlnlogger.TensorBoardLog.scalars, Lab.finish = saved_scalars, saved_finish
 
 
 def logging_overhead(case: list[str], label: str, B: int, repeats: int) -> dict:

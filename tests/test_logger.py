@@ -1,0 +1,44 @@
+"""The logger's pieces: aggregates over live replicas, the npz writer."""
+import warnings
+
+import numpy as np
+
+from dlntorch.logger import aggregate, aggregate_rows, write_npz
+
+
+def test_aggregates_equal_numpys_nan_functions():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 257))
+    x[1, :100] = np.nan          # some replicas diverged
+    x[2, :] = np.nan             # all of them
+    x[3, :-1] = np.nan           # all but one
+    x[4, :] = 7.0                # ties
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # numpy warns on the all-NaN row
+        expected = {"mean": np.nanmean(x, 1), "median": np.nanmedian(x, 1), "min": np.nanmin(x, 1),
+                    "max": np.nanmax(x, 1), "q10": np.nanquantile(x, 0.1, axis=1),
+                    "q90": np.nanquantile(x, 0.9, axis=1)}
+    got = aggregate_rows(x)
+    for key, value in expected.items():
+        # the same linear interpolation between the same order statistics; sums in another order
+        np.testing.assert_allclose(got[key], value, rtol=1e-14, atol=0, equal_nan=True)
+    assert aggregate(x[0])["median"] == got["median"][0]
+
+
+def test_npz_round_trips_exactly(tmp_path):
+    arrays = {"t": np.linspace(0, 1, 5), "energy": np.random.default_rng(1).normal(size=(5, 3)),
+              "singular_values": np.full((5, 3, 2), np.nan)}
+    with open(tmp_path / "a.npz", "wb") as handle:
+        write_npz(handle, arrays)
+    with np.load(tmp_path / "a.npz") as loaded:
+        assert sorted(loaded.files) == sorted(arrays)
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(loaded[key], value)
+
+
+def test_fast_event_checksums_equal_tensorboards():
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+
+    from dlntorch.logger import masked_crc32c
+    for data in (b"", b"a", bytes(range(256)) * 41, np.random.default_rng(2).bytes(10_001)):
+        assert masked_crc32c(data) == reference(data)
