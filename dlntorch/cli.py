@@ -15,38 +15,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .config import ConfigError, derive_seeds, run_dir
+from .report import table
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
-
-
-def report(summary: dict[str, Any]) -> str:
-    """A short table of what happened, for the terminal."""
-    cfg, agg = summary["config"], summary["aggregates"]
-    lines = [
-        f"dlntorch: {cfg['task']['name']} {summary['widths'][-1]}x{summary['widths'][0]}, depth {summary['depth']}, "
-        f"{summary['replicas']} replicas, {cfg['optim']['name']} lr={cfg['optim']['lr']:g}, init {cfg['init']['name']} "
-        f"scale={cfg['init']['scale']:g}",
-        f"stopped by {summary['stopped_by']} at step {summary['steps']} (t = {summary['t']:.4g}) "
-        f"after {summary['wall_time']:.1f} s",
-        f"outputs: {summary['out_dir']}",
-        "",
-        f"{'observable':<22}{'median':>12}{'min':>12}{'max':>12}",
-    ]
-    for key in ("energy", "effective_rank", "stable_rank", "balancedness", "balancedness_drift",
-                "hyperbola_distance", "test_error"):
-        if key in agg:
-            a = agg[key]
-            lines.append(f"{key:<22}{a['median']:>12.3e}{a['min']:>12.3e}{a['max']:>12.3e}")
-    near = summary["near_rank_one"]
-    tol = cfg["run"]["rank_one_tol"]
-    lines += ["",
-              f"near rank one (effective rank < {tol:g}): {near} / {summary['replicas']}"
-              f" ({100 * near / summary['replicas']:.0f} %)",
-              f"diverged: {summary['diverged_count']}"]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------ where the job runs
@@ -98,15 +72,6 @@ def launcher_threads() -> int | None:
     return None
 
 
-def run_dir(cfg: DictConfig) -> Path | None:
-    """The job's run dir, as train.output_dir finds it, without creating one outside Hydra."""
-    out = OmegaConf.select(cfg, "run.out_dir", default=None)
-    if out is not None:
-        return Path(str(out))
-    hc = _hydra_config()
-    return Path(hc.runtime.output_dir) if hc is not None else None
-
-
 # ------------------------------------------------------------------------ failures
 
 def record_failure(cfg: DictConfig, error: BaseException) -> Path | None:
@@ -129,7 +94,6 @@ def record_failure(cfg: DictConfig, error: BaseException) -> Path | None:
         except Exception:       # a broken interpolation: keep the raw values
             config = OmegaConf.to_container(cfg, resolve=False)
         try:
-            from .train import derive_seeds
             seeds = derive_seeds(cfg)
         except Exception:
             seeds = {"seed": OmegaConf.select(cfg, "seed", default=None)}
@@ -180,5 +144,5 @@ def main(cfg: DictConfig) -> float:
         detail = f" (traceback in {where})" if where and not isinstance(error, ConfigError) else ""
         print(f"dlntorch: error: {_one_line(error)}{detail}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
-    print(report(summary))
+    print(table(summary))
     return float(summary["aggregates"]["energy"]["median"])   # for sweepers that optimise

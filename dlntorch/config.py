@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 TASKS = ("seed2x2", "completion", "sensing", "regression")
 INITS = ("gaussian", "balanced", "orthogonal", "identity", "unbalanced")
@@ -181,6 +184,39 @@ def parse_depth(value: Any) -> float:
     return depth
 
 
+def as_config(cfg: Any) -> DictConfig:
+    """Any of Config, dict or DictConfig → a DictConfig typed by the schema (typos fail here)."""
+    schema = OmegaConf.structured(Config)
+    return OmegaConf.merge(schema, cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+                           if not isinstance(cfg, Config) else OmegaConf.structured(cfg))
+
+
+def derive_seeds(cfg: DictConfig) -> dict[str, int]:
+    """Independent seeds for the task data, the initial condition and the dynamics' noise, all
+    derived from `seed` (task.seed / init.seed override theirs, e.g. to fix the data of a sweep)."""
+    task, init, dynamics = np.random.SeedSequence(cfg.seed).generate_state(3, dtype=np.uint32).tolist()
+    return {"seed": cfg.seed,
+            "task": task if cfg.task.seed is None else cfg.task.seed,
+            "init": init if cfg.init.seed is None else cfg.init.seed,
+            "dynamics": dynamics}
+
+
+def total_steps(cfg: DictConfig) -> int:
+    """run.steps, or fewer when run.time = lr·step comes first."""
+    steps = cfg.run.steps
+    if cfg.run.time is not None:
+        steps = min(steps, max(1, math.ceil(cfg.run.time / cfg.optim.lr - 1e-9)))
+    return int(steps)
+
+
+def run_dir(cfg: Any) -> Path | None:
+    """Where the run writes: run.out_dir, else Hydra's run dir, else None (called from Python)."""
+    if cfg.run.out_dir is not None:
+        return Path(cfg.run.out_dir)
+    from hydra.core.hydra_config import HydraConfig
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
 def validate(cfg: Any) -> None:
     """Every value check that can be made before compute. Raises ConfigError."""
     _at_least("replicas", cfg.replicas, 1)
@@ -188,6 +224,8 @@ def validate(cfg: Any) -> None:
     _one_of("device", cfg.device, DEVICES)
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
         _fail("seed", cfg.seed, "it must be an integer ≥ 0")
+    if cfg.threads is not None:
+        _at_least("threads", cfg.threads, 1)
 
     task = cfg.task
     _one_of("task.name", task.name, TASKS)

@@ -8,7 +8,6 @@ trajectory.npz gets every observable as an array (T, B[, k]) — analysis reads 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path

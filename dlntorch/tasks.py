@@ -7,7 +7,6 @@ has a closed-form gradient (the fast path and the downstairs flow use it) beside
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 

@@ -8,9 +8,6 @@ except at logged times and stop checks.
 from __future__ import annotations
 
 import json
-import math
-import platform
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,16 +19,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from . import __version__
-from .config import Config, ConfigError, resolve_depth, validate
+from .config import (ConfigError, as_config, derive_seeds, resolve_depth, run_dir, total_steps,
+                     validate)
 from .dynamics import Dynamics, build_dynamics
 from .events import summarise_events
 from .init import initial_factors
 from .logger import (TensorBoardLog, Trajectory, aggregate, flat_hparams, log_steps, to_numpy,
                      write_json)
-from .network import DeepLinearNetwork, balancedness_of, default_widths
+from .network import DeepLinearNetwork, default_widths
 from .tasks import Task, build_task
 from .metrics import observe
+from .report import environment, headline
 
 CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
@@ -44,11 +42,12 @@ class DivergenceError(RuntimeError):
 
 # ------------------------------------------------------------------------ configuration
 
-def as_config(cfg: Any) -> DictConfig:
-    """Any of Config, dict or DictConfig → a DictConfig typed by the schema (typos fail here)."""
-    schema = OmegaConf.structured(Config)
-    return OmegaConf.merge(schema, cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-                           if not isinstance(cfg, Config) else OmegaConf.structured(cfg))
+def output_dir(cfg: DictConfig) -> Path:
+    """The run dir (see config.run_dir), created; outside Hydra without run.out_dir,
+    ./outputs/<date>/<time>."""
+    out = run_dir(cfg) or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,29 +70,6 @@ def resolve_widths(model: Any, shape: tuple[int, int]) -> list[int]:
     return widths
 
 
-def derive_seeds(cfg: DictConfig) -> dict[str, int]:
-    """Independent seeds for the task data, the initial condition and the dynamics' noise, all
-    derived from `seed` (task.seed / init.seed override theirs, e.g. to fix the data of a sweep)."""
-    task, init, dynamics = np.random.SeedSequence(cfg.seed).generate_state(3, dtype=np.uint32).tolist()
-    return {"seed": cfg.seed,
-            "task": task if cfg.task.seed is None else cfg.task.seed,
-            "init": init if cfg.init.seed is None else cfg.init.seed,
-            "dynamics": dynamics}
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    if cfg.run.out_dir is not None:
-        out = Path(cfg.run.out_dir)
-    else:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-            out = Path(HydraConfig.get().runtime.output_dir)
-        except ValueError:   # not inside a Hydra app: called from Python
-            out = Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 # ------------------------------------------------------------------------ the run's state
 
 @dataclass
@@ -106,14 +82,6 @@ class RunState:
     G0: list[Tensor] = field(default_factory=list)
     trajectory: Trajectory = field(default_factory=Trajectory)
     elapsed: float = 0.0                   # wall seconds before this process (resumed runs)
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    return {"dlntorch": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "host": socket.gethostname(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------------ the loop
@@ -355,14 +323,6 @@ class Lab:
         }
 
 
-def total_steps(cfg: DictConfig) -> int:
-    """run.steps, or fewer when run.time = lr·step comes first."""
-    steps = cfg.run.steps
-    if cfg.run.time is not None:
-        steps = min(steps, max(1, math.ceil(cfg.run.time / cfg.optim.lr - 1e-9)))
-    return int(steps)
-
-
 def chunk_ends(grid: np.ndarray, every: int | None, total: int) -> np.ndarray:
     """Where the loop pauses: logged steps, stop checks every `every` steps, and the end."""
     ends = [grid, [total]]
@@ -381,19 +341,6 @@ def progress_bar(cfg: DictConfig, total: int, start: int):
                 file=sys.stderr)
 
 
-def headline(summary: dict[str, Any]) -> dict[str, float]:
-    """The final metrics shown in TensorBoard's HPARAMS tab (those the run has)."""
-    agg = summary["aggregates"]
-    out = {"near_rank_one_fraction": summary["near_rank_one"] / summary["replicas"],
-           "diverged": float(summary["diverged_count"]), "t": float(summary["t"])}
-    for name, stat in (("energy", "median"), ("energy", "max"), ("effective_rank", "median"),
-                       ("balancedness_drift", "max"), ("test_error", "median"),
-                       ("downstairs_distance", "max")):
-        if name in agg:
-            out[f"{name}_{stat}"] = agg[name][stat]
-    return out
-
-
 def run(cfg: Any) -> dict[str, Any]:
     """Train as `cfg` says and return the summary (also written to summary.json).
 
@@ -405,8 +352,6 @@ def run(cfg: Any) -> dict[str, Any]:
     cfg = as_config(cfg)
     validate(cfg)
     if cfg.threads is not None:
-        if not (isinstance(cfg.threads, int) and cfg.threads >= 1):
-            raise ConfigError(f"threads={cfg.threads!r} is not allowed: it must be an integer ≥ 1, or null for torch's default.")
         torch.set_num_threads(cfg.threads)
     lab = Lab(cfg)
     events = lab.out / EVENTS

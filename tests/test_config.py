@@ -1,6 +1,5 @@
 """Bad input ends before any training with one sentence naming the key, the value and what is
 allowed (ConfigError; the CLI turns it into that sentence and exit status 2)."""
-import re
 
 import numpy as np
 import pytest

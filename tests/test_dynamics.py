@@ -7,7 +7,7 @@ import torch
 from dlntorch.dynamics import StepDynamics
 from dlntorch.network import DeepLinearNetwork, balancedness_of, chain, factor_gradients
 from dlntorch.tasks import build_task
-from dlntorch.train import as_config, run
+from dlntorch.train import run
 
 
 def lab(make_cfg, *overrides, factors=None):

@@ -1,5 +1,4 @@
 """Initial conditions: balanced points, fibre moves, scales."""
-import math
 
 import pytest
 import torch

@@ -1,0 +1,60 @@
+"""What a run reports beyond its observables: the environment, the headline metrics of
+TensorBoard's HPARAMS tab, and the table printed at the end of a run."""
+from __future__ import annotations
+
+import platform
+import socket
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {"dlntorch": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "host": socket.gethostname(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "threads": torch.get_num_threads()}
+
+
+def headline(summary: dict[str, Any]) -> dict[str, float]:
+    """The final metrics shown in TensorBoard's HPARAMS tab (those the run has)."""
+    agg = summary["aggregates"]
+    out = {"near_rank_one_fraction": summary["near_rank_one"] / summary["replicas"],
+           "diverged": float(summary["diverged_count"]), "t": float(summary["t"])}
+    for name, stat in (("energy", "median"), ("energy", "max"), ("effective_rank", "median"),
+                       ("balancedness_drift", "max"), ("test_error", "median"),
+                       ("downstairs_distance", "max")):
+        if name in agg:
+            out[f"{name}_{stat}"] = agg[name][stat]
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    """A short table of what happened, for the terminal."""
+    cfg, agg = summary["config"], summary["aggregates"]
+    lines = [
+        f"dlntorch: {cfg['task']['name']} {summary['widths'][-1]}x{summary['widths'][0]}, depth {summary['depth']}, "
+        f"{summary['replicas']} replicas, {cfg['optim']['name']} lr={cfg['optim']['lr']:g}, init {cfg['init']['name']} "
+        f"scale={cfg['init']['scale']:g}",
+        f"stopped by {summary['stopped_by']} at step {summary['steps']} (t = {summary['t']:.4g}) "
+        f"after {summary['wall_time']:.1f} s",
+        f"outputs: {summary['out_dir']}",
+        "",
+        f"{'observable':<22}{'median':>12}{'min':>12}{'max':>12}",
+    ]
+    for key in ("energy", "effective_rank", "stable_rank", "balancedness", "balancedness_drift",
+                "hyperbola_distance", "test_error"):
+        if key in agg:
+            a = agg[key]
+            lines.append(f"{key:<22}{a['median']:>12.3e}{a['min']:>12.3e}{a['max']:>12.3e}")
+    near = summary["near_rank_one"]
+    tol = cfg["run"]["rank_one_tol"]
+    lines += ["",
+              f"near rank one (effective rank < {tol:g}): {near} / {summary['replicas']}"
+              f" ({100 * near / summary['replicas']:.0f} %)",
+              f"diverged: {summary['diverged_count']}"]
+    return "\n".join(lines)
