@@ -174,38 +174,43 @@ class Lab:
     # batch is large, every FLUSH_SECONDS of wall time (TensorBoard stays live), at checkpoints
     # and at the end. Observing at every logged time instead costs more than the steps of a
     # short run.
-    def log(self) -> None:
+    def snapshot(self) -> tuple:
         s = self.state
-        self.pending.append((s.step, s.t, [f.clone() for f in self.dynamics.factors()],
-                             {k: v.clone() for k, v in self.dynamics.observables().items()},
-                             s.diverged.clone()))
+        return (s.step, s.t, [f.clone() for f in self.dynamics.factors()],
+                {k: v.clone() for k, v in self.dynamics.observables().items()}, s.diverged.clone())
+
+    def log(self) -> None:
+        self.pending.append(self.snapshot())
         elements = len(self.pending) * sum(f.numel() for f in self.pending[0][2])
         if elements >= FLUSH_ELEMENTS or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
-    def flush(self) -> None:
-        """Observe the pending snapshots as one batch of K·B replicas; append their rows."""
-        if not self.pending:
-            return
-        K, s = len(self.pending), self.state
-        steps, times, factors, extras, diverged = zip(*self.pending)
-        batched = [torch.cat(parts) for parts in zip(*factors)]
+    def rows(self, snapshots: list[tuple]) -> list[dict[str, np.ndarray]]:
+        """The logged rows of snapshots, observed as one batch of K·B replicas."""
+        K, B = len(snapshots), self.cfg.replicas
+        steps, times, factors, extras, diverged = zip(*snapshots)
         dead = torch.cat(diverged)
-        obs = observe(batched, self.task, [g.repeat(K, 1, 1) for g in s.G0], self.cfg.run.rank_tol,
+        obs = observe([torch.cat(parts) for parts in zip(*factors)], self.task,
+                      [g.repeat(K, 1, 1) for g in self.state.G0], self.cfg.run.rank_tol,
                       beta=self.beta, depth=self.dynamics.depth, diverged=dead)
         obs.update({k: torch.cat([extra[k] for extra in extras]) for k in extras[0]})
-        arrays = to_numpy(obs)
-        dead = dead.cpu().numpy()
-        B = self.cfg.replicas
+        arrays, dead = to_numpy(obs), dead.cpu().numpy().astype(np.float64)
         rows = []
         for k in range(K):
             row = {name: values[k * B:(k + 1) * B] for name, values in arrays.items()}
-            row["diverged"] = dead[k * B:(k + 1) * B].astype(np.float64)
+            row["diverged"] = dead[k * B:(k + 1) * B]
             row["step"], row["t"] = np.asarray(steps[k]), np.asarray(times[k])
             rows.append(row)
-            s.trajectory.append(row)
-        self.tb.scalars(rows)
-        self.pending.clear()
+        return rows
+
+    def flush(self) -> None:
+        """Observe the pending snapshots; append their rows to the trajectory and TensorBoard."""
+        if self.pending:
+            rows = self.rows(self.pending)
+            for row in rows:
+                self.state.trajectory.append(row)
+            self.tb.scalars(rows)
+            self.pending.clear()
         self.last_flush = time.monotonic()
 
     def check(self) -> bool:

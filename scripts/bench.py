@@ -374,7 +374,7 @@ def probe(case: str, B: int, steps: int) -> None:
     loop = LabLoop(lab)
     loop.run(steps)
     stepping = rss_kib("VmHWM")
-    row_ = lab.observe()
+    row_ = lab.rows([lab.snapshot()])[0]
     row_bytes = sum(v.nbytes for v in row_.values()) / B
     print(json.dumps({"peak_kib": stepping, "peak_observe_kib": rss_kib("VmHWM"), "row_bytes": row_bytes,
                       "layout": lab.dynamics.layout}))
