@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+from omegaconf import OmegaConf
+
+from .config import leaves, total_steps
 
 SUMMARY, CHECKPOINT, HYDRA_DIR = "summary.json", "checkpoint.pt", ".hydra"
 SCALARS = ("stopped_by", "steps", "t", "wall_time", "replicas", "depth", "diverged_count",
@@ -135,11 +137,8 @@ def _ago(seconds: float) -> str:
 
 def _planned_steps(config: dict[str, Any] | None) -> int | None:
     try:
-        steps = int(config["run"]["steps"])
-        if config["run"].get("time") is not None:
-            steps = min(steps, max(1, math.ceil(config["run"]["time"] / config["optim"]["lr"] - 1e-9)))
-        return steps
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return total_steps(OmegaConf.create(config))
+    except Exception:  # noqa: BLE001 — an old or partial config: no plan to show
         return None
 
 
@@ -172,15 +171,9 @@ def run_status(run_dir: Path) -> tuple[str, str, dict[str, Any] | None, dict[str
 
 # ------------------------------------------------------------------------ the table
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in (node or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{name}."))
-        else:
-            out[name] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-    return out
+def _leaves(node: Any) -> dict[str, Any]:
+    """Config leaves as table cells (lists and other values as text)."""
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in leaves(node).items()}
 
 
 def _differing(configs: list[dict[str, Any]]) -> list[str]:

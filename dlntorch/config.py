@@ -209,6 +209,17 @@ def total_steps(cfg: DictConfig) -> int:
     return int(steps)
 
 
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config (dicts) as {"dotted.key": value} for its leaves."""
+    out: dict[str, Any] = {}
+    for key, value in (node or {}).items():
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def run_dir(cfg: Any) -> Path | None:
     """Where the run writes: run.out_dir, else Hydra's run dir, else None (called from Python)."""
     if cfg.run.out_dir is not None:

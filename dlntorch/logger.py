@@ -202,18 +202,10 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
     """Config leaves as TensorBoard hparams (numbers, strings, bools; lists and None as text)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_hparams(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
+    from .config import leaves
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in leaves(config).items()}
 
 
 def to_numpy(observables: Mapping[str, Tensor]) -> dict[str, np.ndarray]:

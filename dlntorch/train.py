@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .config import (ConfigError, as_config, derive_seeds, resolve_depth, run_dir, total_steps,
-                     validate)
+from .config import (ConfigError, as_config, derive_seeds, leaves, resolve_depth, run_dir,
+                     total_steps, validate)
 from .dynamics import Dynamics, build_dynamics
 from .events import summarise_events
 from .init import initial_factors
@@ -140,12 +140,6 @@ class Lab:
             return False
         payload = torch.load(path, map_location=self.device, weights_only=False)
         # continuing under other values would make a run that is neither; name the first change
-        def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for key, value in node.items():
-                out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-            return out
-
         then, now = leaves(payload.get("config", {})), leaves(OmegaConf.to_container(self.cfg))
         free = ("resume", "threads", "device", "experiment", "tags", "run.out_dir", "run.progress",
                 "run.checkpoint_every", "run.checkpoint_minutes", "run.on_divergence", "run.log_replicas")
