@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 TASKS = ("seed2x2", "completion", "sensing", "regression")
-INITS = ("gaussian", "balanced", "orthogonal", "identity", "unbalanced")
+INITS = ("gaussian", "balanced", "orthogonal", "identity", "unbalanced", "file")
 OPTIMS = ("gd", "sgd", "momentum", "adam", "langevin", "flow", "downstairs")
 LOSSES = ("half_sum", "mean", "half_mean")
 DTYPES = ("float64", "float32")
@@ -54,6 +54,7 @@ class InitConfig:
     scale: float = 1e-2
     scale_of: str = "layer"             # layer: per-layer std; product: typical product entry
     imbalance: float = 1.0              # unbalanced: the requested ‖G‖ (total Frobenius norm)
+    file: Optional[str] = None          # file: factors or products from a .pt/.npz (see init.from_file)
     seed: Optional[int] = None          # None derives it from the top-level seed
 
 
@@ -286,6 +287,8 @@ def validate(cfg: Any) -> None:
     _one_of("init.name", init.name, INITS)
     _positive_finite("init.scale", init.scale)
     _one_of("init.scale_of", init.scale_of, ("layer", "product"))
+    if init.name == "file" and init.file is None:
+        _fail("init.file", None, "init=file needs the path of a .pt or .npz holding the factors or the products")
     if init.name == "unbalanced":
         if not (math.isfinite(init.imbalance) and init.imbalance >= 0):
             _fail("init.imbalance", init.imbalance, "it must be a finite number ≥ 0")

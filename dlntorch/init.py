@@ -11,7 +11,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .config import ConfigError
 from .geometry import balanced_factors, fibre_move
+from .tasks import load_arrays
 from .network import balancedness_of
 
 Factors = list[Tensor]
@@ -117,15 +119,45 @@ def unbalanced(widths: list[int], B: int, scale: float, scale_of: str, gen: torc
     return fibre_move(start, [s.view(B, 1, 1) * A for A in directions])
 
 
+def from_file(path: str, widths: list[int], B: int, gen: torch.Generator) -> Factors:
+    """Initial conditions made elsewhere (a phase-portrait grid, a saved state), from a .pt or
+    .npz holding either the factors `factor_1` … `factor_N` (each (B, d_p, d_{p−1}), or
+    (d_p, d_{p−1}) for every replica) or end-to-end matrices `product` ((B, m, n) or (m, n)),
+    which are factored on their balanced fibre with Haar-random hidden Q_p (as `balanced`)."""
+    arrays = load_arrays(path, "init.file")
+    depth, (m, n) = len(widths) - 1, (widths[-1], widths[0])
+    names = [f"factor_{p}" for p in range(1, depth + 1)]
+    if all(name in arrays for name in names):
+        shapes = [(d_out, d_in) for d_in, d_out in zip(widths[:-1], widths[1:])]
+        return [_replicated(arrays[name], shape, B, path) for name, shape in zip(names, shapes)]
+    if "product" in arrays:
+        return balanced_factors(_replicated(arrays["product"], (m, n), B, path), widths, generator=gen)
+    raise ConfigError(f"init.file={path!r} is not allowed: it must hold {', '.join(names)} (for depth {depth}) "
+                      f"or 'product' (found {sorted(arrays)}).")
+
+
+def _replicated(array: Tensor, shape: tuple[int, int], B: int, path: str) -> Tensor:
+    """(B, *shape) float64: one matrix for every replica, or one per replica."""
+    array = array.to(torch.float64)
+    if tuple(array.shape) == shape:
+        return array.expand(B, *shape).clone()
+    if tuple(array.shape) != (B, *shape):
+        raise ConfigError(f"init.file={path!r} is not allowed: an array of shape {tuple(array.shape)} does not fit "
+                          f"{B} replicas of {shape[0]}x{shape[1]} (replicas={B}); give shape {(B, *shape)} or {shape}.")
+    return array
+
+
 INITIALISERS: dict[str, Callable[..., Factors]] = {
     "gaussian": gaussian, "balanced": balanced, "orthogonal": orthogonal,
     "identity": identity, "unbalanced": unbalanced,
-}
+}   # and "file": from_file
 
 
 def initial_factors(cfg: Any, widths: list[int], replicas: int, seed: int) -> Factors:
     """The factors [W_1, …, W_N] of `cfg.init` for all replicas, float64 on the CPU."""
     gen = torch.Generator().manual_seed(seed)
+    if cfg.name == "file":
+        return from_file(cfg.file, list(widths), replicas, gen)
     make = INITIALISERS[cfg.name]
     extra = {"imbalance": cfg.imbalance} if cfg.name == "unbalanced" else {}
     return make(list(widths), replicas, cfg.scale, cfg.scale_of, gen, **extra)

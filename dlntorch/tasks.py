@@ -234,22 +234,27 @@ def uniform_mask(m: int, n: int, count: int, generator: torch.Generator) -> Tens
     return mask.view(m, n)
 
 
-def load_completion_file(path: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    """`mask` and `values` (and optionally `truth`) from a .npz or .pt file."""
+def load_arrays(path: str, key: str) -> dict[str, Tensor]:
+    """The named arrays of a .npz or .pt file (a dict of tensors); `key` names the config key in
+    the one sentence a missing or unreadable file gets."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"task.file={path!r} is not allowed: no such file.")
+        raise ConfigError(f"{key}={path!r} is not allowed: no such file.")
     try:
         if file.suffix == ".npz":
             with np.load(file) as data:
-                arrays = {k: torch.as_tensor(data[k]) for k in data.files}
-        else:
-            arrays = torch.load(file, map_location="cpu", weights_only=True)
-            if not isinstance(arrays, dict):
-                raise TypeError("not a dict of tensors")
-            arrays = {k: torch.as_tensor(v) for k, v in arrays.items()}
+                return {k: torch.as_tensor(data[k]) for k in data.files}
+        arrays = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(arrays, dict):
+            raise TypeError("not a dict of tensors")
+        return {k: torch.as_tensor(v) for k, v in arrays.items()}
     except Exception as error:  # noqa: BLE001 — any unreadable file gets the same sentence
-        raise ConfigError(f"task.file={path!r} is not allowed: it could not be read as .npz or .pt ({error}).") from error
+        raise ConfigError(f"{key}={path!r} is not allowed: it could not be read as .npz or .pt ({error}).") from error
+
+
+def load_completion_file(path: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`mask` and `values` (and optionally `truth`) from a .npz or .pt file."""
+    arrays = load_arrays(path, "task.file")
     if "mask" not in arrays or "values" not in arrays:
         raise ConfigError(f"task.file={path!r} is not allowed: it must hold arrays named 'mask' and 'values' "
                           f"(found {sorted(arrays)}).")

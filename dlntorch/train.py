@@ -96,12 +96,12 @@ class Lab:
         self.seeds = derive_seeds(cfg)
         self.task: Task = build_task(cfg.task, self.seeds["task"]).to(self.device, self.dtype)
         self.widths = resolve_widths(cfg.model, self.task.shape)
-        self.out = output_dir(cfg)
+        start = initial_factors(cfg.init, self.widths, cfg.replicas, self.seeds["init"])
+        self.out = output_dir(cfg)       # only once every input has been read and checked
         self.total_steps = total_steps(cfg)
         self.grid = log_steps(self.total_steps, cfg.run.log_points)
         self.net = DeepLinearNetwork(self.widths, cfg.replicas, self.dtype, self.device)
-        self.net.set_factors([f.to(self.device, self.dtype) for f in
-                              initial_factors(cfg.init, self.widths, cfg.replicas, self.seeds["init"])])
+        self.net.set_factors([f.to(self.device, self.dtype) for f in start])
         self.dynamics: Dynamics = build_dynamics(cfg, self.net, self.task, self.seeds["dynamics"])
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()])

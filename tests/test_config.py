@@ -102,6 +102,22 @@ def test_task_file_is_trained_on(make_cfg, tmp_path, suffix):
     assert "test_error" in summary["final"]
 
 
+def test_init_file_errors(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"^init.file=None is not allowed: init=file needs the path"):
+        run(make_cfg("init=file"))
+    with pytest.raises(ConfigError, match=r"^init.file='.*none.pt' is not allowed: no such file\.$"):
+        run(make_cfg("init=file", f"init.file={tmp_path}/none.pt"))
+    torch.save({"product": torch.ones(5, 2, 2)}, tmp_path / "five.pt")
+    with pytest.raises(ConfigError, match=r"an array of shape \(5, 2, 2\) does not fit 8 replicas of 2x2 "
+                                          r"\(replicas=8\); give shape \(8, 2, 2\) or \(2, 2\)\.$"):
+        run(make_cfg("init=file", f"init.file={tmp_path}/five.pt", "replicas=8"))
+    torch.save({"W": torch.ones(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=r"it must hold factor_1, factor_2, factor_3 \(for depth 3\) or "
+                                          r"'product' \(found \['W'\]\)\.$"):
+        run(make_cfg("init=file", f"init.file={tmp_path}/other.pt"))
+    assert not (tmp_path / "run").exists()      # nothing written before the inputs were checked
+
+
 def test_widths_must_match_a_file_task(make_cfg, tmp_path):
     path = completion_file(tmp_path, "data.npz", mask=np.ones((2, 3), bool), values=np.ones((2, 3)))
     with pytest.raises(ConfigError, match=r"^model.widths=\[2, 4, 2\] is not allowed: its ends must match "

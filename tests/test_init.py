@@ -88,3 +88,21 @@ def test_a_prescribed_spectrum_is_the_truths():
     # Haar columns from QR are orthonormal to rounding
     torch.testing.assert_close(torch.linalg.svdvals(truth)[:3], torch.tensor([5.0, 2.0, 0.5]), rtol=1e-14, atol=0)
     assert torch.linalg.matrix_rank(truth) == 3
+
+
+def test_initial_conditions_from_a_file_of_products_and_of_factors(make_cfg, tmp_path):
+    """A phase-portrait grid of the seed problem: W0 = [[a, b], [b, a]] on a 3x3 grid of (a, b),
+    factored on its balanced fibre; and the same factors saved and read back exactly."""
+    from dlntorch.train import Lab
+    a, b = torch.meshgrid(torch.linspace(-0.5, 0.5, 3), torch.linspace(0.1, 0.3, 3), indexing="ij")
+    grid = torch.stack([torch.stack([a, b], -1), torch.stack([b, a], -1)], -2).reshape(9, 2, 2)
+    torch.save({"product": grid}, tmp_path / "grid.pt")
+    lab = Lab(make_cfg("init=file", f"init.file={tmp_path / 'grid.pt'}", "replicas=9"))
+    factors = [f.detach() for f in lab.net.factors]
+    torch.testing.assert_close(chain(factors), grid, rtol=0, atol=1e-14)   # rounding of the SVD
+    assert max(G.abs().max() for G in balancedness_of(factors)) < 1e-14
+    np_factors = {f"factor_{p}": f.numpy() for p, f in enumerate(factors, start=1)}
+    import numpy as np
+    np.savez(tmp_path / "factors.npz", **np_factors)
+    again = Lab(make_cfg("init=file", f"init.file={tmp_path / 'factors.npz'}", "replicas=9", out="b"))
+    assert all(torch.equal(x.detach(), y) for x, y in zip(again.net.factors, factors))
