@@ -72,7 +72,7 @@ class OptimConfig:
     rtol: float = 1e-10
     atol: float = 1e-12
     depth: Optional[str] = None         # downstairs: N as an int or "inf"; None = model depth
-    time_scale: str = "raw"             # downstairs: raw (t) | per_depth (τ = N t)
+    time_scale: str = "auto"            # downstairs: raw (t) | per_depth (τ = N t) | auto (per_depth at N = inf)
     compare_downstairs: bool = False    # flow: integrate the downstairs flow alongside
 
 
@@ -312,7 +312,7 @@ def validate(cfg: Any) -> None:
         _one_of("optim.method", optim.method, ("dopri5", "rk4"))
         _positive_finite("optim.rtol", optim.rtol)
         _positive_finite("optim.atol", optim.atol)
-        _one_of("optim.time_scale", optim.time_scale, ("raw", "per_depth"))
+        _one_of("optim.time_scale", optim.time_scale, ("auto", "raw", "per_depth"))
         if optim.depth is not None and parse_depth(optim.depth) == math.inf and optim.time_scale == "raw":
             _fail("optim.time_scale", optim.time_scale,
                   "optim.depth=inf needs per_depth (rescaled time τ = N t; A_N grows like N)")

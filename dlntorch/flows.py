@@ -311,7 +311,10 @@ class DownstairsFlow(_FlowDynamics):
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task):
         super().__init__(cfg, net, task, (net.product().detach().clone(),))
         self.N = net.depth if cfg.optim.depth is None else parse_depth(cfg.optim.depth)
-        self.time_scale = cfg.optim.time_scale
+        # auto: raw time at finite N (comparable with the upstairs dynamics), τ = N t at N = inf
+        # (the only clock in which the infinite-depth flow is defined)
+        self.time_scale = cfg.optim.time_scale if cfg.optim.time_scale != "auto" else \
+            ("per_depth" if is_infinite_depth(self.N) else "raw")
 
     @property
     def depth(self) -> Depth:

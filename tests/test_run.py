@@ -96,7 +96,7 @@ def test_upstairs_flow_in_the_loop_matches_the_downstairs_flow(make_cfg):
     assert summary["aggregates"]["balancedness_drift"]["max"] < 1e-9
 
 
-@pytest.mark.parametrize("overrides", [["optim.depth=inf", "optim.time_scale=per_depth"],
+@pytest.mark.parametrize("overrides", [["optim.depth=inf"], ["optim.depth=inf", "optim.time_scale=per_depth"],
                                        ["optim.depth=5"], ["optim.method=rk4"]])
 def test_downstairs_flow_runs_and_logs_like_gd(make_cfg, tmp_path, overrides):
     summary = run(make_cfg("optim=downstairs", "init.scale=0.5", "replicas=4", "run.time=5.0",
@@ -111,4 +111,4 @@ def test_flow_needs_a_balanced_start_to_compare(make_cfg):
     with pytest.raises(ConfigError, match=r"^optim.compare_downstairs=True is not allowed: it needs a balanced"):
         run(make_cfg("optim=flow", "optim.compare_downstairs=true"))
     with pytest.raises(ConfigError, match=r"^optim.time_scale='raw' is not allowed: optim.depth=inf needs per_depth"):
-        run(make_cfg("optim=downstairs", "optim.depth=inf"))
+        run(make_cfg("optim=downstairs", "optim.depth=inf", "optim.time_scale=raw"))

@@ -1,0 +1,221 @@
+"""Runs over time: trajectory.npz as pandas DataFrames, and figures. (The final values of every
+run of a sweep, one row per run or replica, are `dlntorch.collect`.)
+
+    python -m dlntorch.analysis outputs/runs/2025-06-01/12-00-00            # writes figure.png there
+    python -m dlntorch.analysis <run dir> --out fig.png --observables energy singular_values
+
+    from dlntorch.analysis import load_run, trajectory_frame, sweep_trajectories, plot_run
+    run = load_run("outputs/runs/...")                   # summary, config, trajectory arrays
+    df = trajectory_frame(run, ["energy"])               # long form: t, step, replica, diverged, energy
+    ranks = sweep_trajectories("outputs/multirun/...", "effective_rank")   # median, q10, q90 per t
+    plot_run(run, path="fig.png")
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .collect import collect, is_run_dir, run_status
+from .logger import aggregate_rows
+
+TRAJECTORY = "trajectory.npz"
+PANELS = ("energy", "effective_rank", "balancedness", "singular_values")
+# quantities that decay towards 0 over decades (and the staircase of rank jumps): linear y hides them
+LOG_Y = ("energy", "test_error", "hyperbola_distance", "singular_values")
+SINGULAR = re.compile(r"singular_value_(\d+)")
+
+
+@dataclass
+class Run:
+    """A completed run: its summary.json, its config and trajectory.npz as arrays — `t`, `step`
+    (T,), each observable (T, B), `singular_values` (T, B, k) and `diverged` (T, B)."""
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    trajectory: dict[str, np.ndarray]
+
+    @property
+    def t(self) -> np.ndarray:
+        return self.trajectory["t"]
+
+    @property
+    def step(self) -> np.ndarray:
+        return self.trajectory["step"]
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """(T, B) bool: replica b had diverged by logged time i (the npz stores 0.0 / 1.0)."""
+        return self.trajectory["diverged"] > 0
+
+    @property
+    def replicas(self) -> int:
+        return self.diverged.shape[1]
+
+    @property
+    def observables(self) -> list[str]:
+        """The scalar observables, in the order the run logged them."""
+        return [k for k, v in self.trajectory.items() if v.ndim == 2 and k != "diverged"]
+
+    def series(self, name: str) -> np.ndarray:
+        """(T, B) values of a scalar observable, or of one singular value (`singular_value_2`)."""
+        if name in self.observables:
+            return self.trajectory[name]
+        match = SINGULAR.fullmatch(name)
+        k = self.trajectory["singular_values"].shape[-1] if "singular_values" in self.trajectory else 0
+        if match and 1 <= int(match[1]) <= k:
+            return self.trajectory["singular_values"][:, :, int(match[1]) - 1]
+        raise KeyError(f"{self.path} has no observable {name!r}: it has {', '.join(self.observables)}"
+                       f" and singular_value_1..{k}")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """The completed run in `run_dir`; FileNotFoundError or ValueError, one sentence, otherwise."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist or is not a folder, so there is no run to load")
+    if not is_run_dir(path):
+        raise FileNotFoundError(f"{path} is not a run dir: it has no summary.json, checkpoint.pt or .hydra/")
+    status, why, summary, config = run_status(path)   # collect's verdict, so both say the same
+    if status == "failed":
+        raise ValueError(f"{path} is a failed run with no trajectory to load ({why})")
+    if status != "completed":
+        raise FileNotFoundError(f"{path} is not a completed run ({status}: {why})")
+    if not (path / TRAJECTORY).is_file():
+        raise FileNotFoundError(f"{path / TRAJECTORY} is missing although summary.json says the run completed")
+    with np.load(path / TRAJECTORY) as data:
+        trajectory = {name: data[name] for name in data.files}
+    return Run(path, summary, config or {}, trajectory)
+
+
+def _names(run: Run, observables: str | Iterable[str] | None) -> list[str]:
+    if observables is None:
+        return run.observables + (["singular_values"] if "singular_values" in run.trajectory else [])
+    names = [observables] if isinstance(observables, str) else list(observables)
+    for name in names:
+        if name != "singular_values" or name not in run.trajectory:
+            run.series(name)             # raises, naming what the run has
+    return names
+
+
+def trajectory_frame(run: Run, observables: str | Iterable[str] | None = None,
+                     replicas: int | Sequence[int] | None = None) -> pd.DataFrame:
+    """Long form, one row per (logged time, replica): `t`, `step`, `replica`, `diverged` and one
+    column per observable (`singular_values` becomes singular_value_1..k); the values are the
+    npz's own, diverged replicas included (filter on `diverged`)."""
+    names = _names(run, observables)
+    chosen = np.arange(run.replicas) if replicas is None else np.atleast_1d(np.asarray(replicas, dtype=np.int64))
+    outside = chosen[(chosen < 0) | (chosen >= run.replicas)]
+    if outside.size:
+        raise IndexError(f"replica {outside[0]} is not in {run.path}: it has replicas 0..{run.replicas - 1}")
+    T, B = len(run.t), len(chosen)
+    columns = {"t": np.repeat(run.t, B), "step": np.repeat(run.step, B), "replica": np.tile(chosen, T),
+               "diverged": run.diverged[:, chosen].reshape(-1)}
+    for name in names:
+        if name == "singular_values":
+            for i in range(run.trajectory[name].shape[-1]):
+                columns[f"singular_value_{i + 1}"] = run.trajectory[name][:, chosen, i].reshape(-1)
+        else:
+            columns[name] = run.series(name)[:, chosen].reshape(-1)
+    return pd.DataFrame(columns)
+
+
+def aggregate_trajectory(run: Run, observable: str) -> pd.DataFrame:
+    """Per logged time: `t`, `step`, `live` (replicas counted), `median`, `q10`, `q90` over the
+    replicas not diverged at that time and with a value — the statistics TensorBoard shows."""
+    values = np.where(run.diverged, np.nan, run.series(observable))
+    stats = aggregate_rows(values)       # logger's: NaN left out, numpy's linear quantiles
+    return pd.DataFrame({"t": run.t, "step": run.step, "live": (~np.isnan(values)).sum(1),
+                         "median": stats["median"], "q10": stats["q10"], "q90": stats["q90"]})
+
+
+def sweep_trajectories(sweep_dir: str | Path, observable: str) -> pd.DataFrame:
+    """`observable` over time for every completed run under `sweep_dir`, aggregated over replicas:
+    columns `run`, the swept values (as in collect; listed in `df.attrs["swept"]`), then those of
+    aggregate_trajectory. Failed and unfinished runs are left out (collect lists them)."""
+    root = Path(sweep_dir)
+    runs = collect(root, write=False)    # reading a sweep should leave no files behind
+    swept = list(runs.attrs.get("swept", []))
+    keys = ["run", *swept]
+    frames = [aggregate_trajectory(load_run(root / rec["run"]), observable).assign(**{k: rec[k] for k in keys})
+              for rec in runs[runs["status"] == "completed"].to_dict("records")]
+    columns = [*keys, "t", "step", "live", "median", "q10", "q90"]
+    df = pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+    df.attrs.update(swept=swept, observable=observable)
+    return df
+
+
+def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Path | None = None,
+             replicas_shown: int = 3):
+    """One panel per observable against t (log axis): the median over live replicas, the q10–q90
+    band, and `replicas_shown` replicas that never diverged as thin lines; for `singular_values`
+    the median of each s_i. Default panels: PANELS, those the run has. Saved to `path` if given."""
+    from matplotlib.figure import Figure   # no pyplot: no display, no global figure to leak in loops
+    from .report import table
+
+    names = [n for n in PANELS if n in run.trajectory] if observables is None else _names(run, observables)
+    cols = min(len(names), 2)
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(5.5 * cols, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    # log t shows the plateaus of rank dynamics across decades; t = 0 has no place on it
+    keep = run.t > 0 if (run.t > 0).any() else np.ones(len(run.t), bool)
+    t = run.t[keep]
+    shown = np.flatnonzero(~run.diverged.any(0))[:replicas_shown]
+    for ax, name in zip(axes, names):
+        if name == "singular_values":
+            for i in range(run.trajectory[name].shape[-1]):
+                median = aggregate_trajectory(run, f"singular_value_{i + 1}")["median"].to_numpy()[keep]
+                ax.plot(t, median, lw=1.5, label=f"$s_{{{i + 1}}}$")
+            if run.trajectory[name].shape[-1] <= 6:
+                ax.legend(fontsize=8, title="median", title_fontsize=8)
+        else:
+            stats = aggregate_trajectory(run, name)[keep]
+            ax.plot(t, run.series(name)[keep][:, shown], color="0.45", lw=0.6, alpha=0.7)
+            ax.fill_between(t, stats["q10"], stats["q90"], color="C0", alpha=0.25, lw=0, label="q10–q90")
+            ax.plot(t, stats["median"], color="C0", lw=1.8, label="median")
+            if ax is axes[0] and shown.size:
+                ax.plot([], [], color="0.45", lw=0.6, label=f"replicas {', '.join(map(str, shown))}")
+                ax.legend(fontsize=8)
+        values = (run.trajectory[name] if name == "singular_values" else run.series(name))[keep]
+        if name in LOG_Y and (values[np.isfinite(values)] > 0).any():
+            ax.set_yscale("log")
+        ax.set(title=name, xlabel="t", xscale="log" if (run.t > 0).any() else "linear")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    dead = int(run.summary.get("diverged_count", run.diverged[-1].sum()))
+    title = table(run.summary).splitlines()[0].removeprefix("dlntorch: ")   # the run's own report header
+    fig.suptitle(title + (f"\n{dead} of {run.replicas} replicas diverged (left out of the bands)" if dead else ""),
+                 fontsize=10)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dlntorch.analysis",
+                                     description="Plot a completed run's observables against t.")
+    parser.add_argument("run_dir", help="a run dir (with summary.json and trajectory.npz)")
+    parser.add_argument("--out", help="where to write the figure (default: <run_dir>/figure.png)")
+    parser.add_argument("--observables", nargs="+", metavar="NAME",
+                        help=f"the panels (default: {' '.join(PANELS)})")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run(args.run_dir)
+        out = Path(args.out) if args.out else run.path / "figure.png"
+        plot_run(run, args.observables, path=out)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"dlntorch.analysis: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
