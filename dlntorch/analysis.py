@@ -55,6 +55,11 @@ class Run:
         return self.trajectory["diverged"] > 0
 
     @property
+    def live(self) -> np.ndarray:
+        """(B,) bool: the replicas that never diverged (a diverged replica stays frozen)."""
+        return ~self.diverged.any(0)
+
+    @property
     def replicas(self) -> int:
         return self.diverged.shape[1]
 
@@ -128,8 +133,10 @@ def trajectory_frame(run: Run, observables: str | Iterable[str] | None = None,
 
 def aggregate_trajectory(run: Run, observable: str) -> pd.DataFrame:
     """Per logged time: `t`, `step`, `live` (replicas counted), `median`, `q10`, `q90` over the
-    replicas not diverged at that time and with a value — the statistics TensorBoard shows."""
-    values = np.where(run.diverged, np.nan, run.series(observable))
+    replicas that never diverged. Left out at every time, not just after they blew up: their
+    approach to infinity would swamp the band, and the last row then equals summary.json's
+    aggregates (which count the replicas live at the end) exactly."""
+    values = np.where(run.live, run.series(observable), np.nan)
     stats = aggregate_rows(values)       # logger's: NaN left out, numpy's linear quantiles
     return pd.DataFrame({"t": run.t, "step": run.step, "live": (~np.isnan(values)).sum(1),
                          "median": stats["median"], "q10": stats["q10"], "q90": stats["q90"]})
@@ -153,9 +160,11 @@ def sweep_trajectories(sweep_dir: str | Path, observable: str) -> pd.DataFrame:
 
 def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Path | None = None,
              replicas_shown: int = 3):
-    """One panel per observable against t (log axis): the median over live replicas, the q10–q90
-    band, and `replicas_shown` replicas that never diverged as thin lines; for `singular_values`
-    the median of each s_i. Default panels: PANELS, those the run has. Saved to `path` if given."""
+    """One panel per observable against t (log axis): the median over the replicas that never
+    diverged, their q10–q90 band and the first `replicas_shown` of them as thin lines; for
+    `singular_values` the median of each s_i. Default panels: PANELS, those the run has. Saved to
+    `path` if given; returns the matplotlib Figure."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure   # no pyplot: no display, no global figure to leak in loops
     from .report import table
 
@@ -167,26 +176,32 @@ def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Pat
     # log t shows the plateaus of rank dynamics across decades; t = 0 has no place on it
     keep = run.t > 0 if (run.t > 0).any() else np.ones(len(run.t), bool)
     t = run.t[keep]
-    shown = np.flatnonzero(~run.diverged.any(0))[:replicas_shown]
+    shown = np.flatnonzero(run.live)[:replicas_shown]
+    banded = [n for n in names if n != "singular_values"] or [None]
     for ax, name in zip(axes, names):
         if name == "singular_values":
-            for i in range(run.trajectory[name].shape[-1]):
+            k = run.trajectory[name].shape[-1]
+            # past a handful, distinct colours run out: an ordered colormap, s_1 dark to s_k light
+            colors = [f"C{i}" for i in range(k)] if k <= 6 else colormaps["viridis"](np.linspace(0, 0.9, k))
+            for i in range(k):
                 median = aggregate_trajectory(run, f"singular_value_{i + 1}")["median"].to_numpy()[keep]
-                ax.plot(t, median, lw=1.5, label=f"$s_{{{i + 1}}}$")
-            if run.trajectory[name].shape[-1] <= 6:
-                ax.legend(fontsize=8, title="median", title_fontsize=8)
+                ax.plot(t, median, lw=1.5, color=colors[i],
+                        label=f"$s_{{{i + 1}}}$" if k <= 6 or i in (0, k - 1) else None)
+            ax.legend(fontsize=8, title="median", title_fontsize=8)
         else:
             stats = aggregate_trajectory(run, name)[keep]
             ax.plot(t, run.series(name)[keep][:, shown], color="0.45", lw=0.6, alpha=0.7)
             ax.fill_between(t, stats["q10"], stats["q90"], color="C0", alpha=0.25, lw=0, label="q10–q90")
             ax.plot(t, stats["median"], color="C0", lw=1.8, label="median")
-            if ax is axes[0] and shown.size:
-                ax.plot([], [], color="0.45", lw=0.6, label=f"replicas {', '.join(map(str, shown))}")
+            if name == banded[0]:       # one legend says what every band panel shows
+                if shown.size:
+                    ax.plot([], [], color="0.45", lw=0.6, label=f"replicas {', '.join(map(str, shown))}")
                 ax.legend(fontsize=8)
         values = (run.trajectory[name] if name == "singular_values" else run.series(name))[keep]
         if name in LOG_Y and (values[np.isfinite(values)] > 0).any():
             ax.set_yscale("log")
         ax.set(title=name, xlabel="t", xscale="log" if (run.t > 0).any() else "linear")
+        _label_short_log_axis(ax)
     for ax in axes[len(names):]:
         ax.set_visible(False)
     dead = int(run.summary.get("diverged_count", run.diverged[-1].sum()))
@@ -196,6 +211,17 @@ def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Pat
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def _label_short_log_axis(ax) -> None:
+    # on a log axis of under ~2 decades matplotlib labels the minor ticks 2×10⁻¹, 3×10⁻¹, …, and
+    # they collide; plain 0.2, 0.5, 1, 2, 5 read at a glance (longer axes: the decades suffice)
+    from matplotlib.ticker import FuncFormatter
+
+    lo, hi = ax.get_xlim()
+    if ax.get_xscale() == "log" and hi <= 100 * lo:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if f"{x:.0e}"[0] in "25" else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

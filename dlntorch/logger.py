@@ -202,12 +202,6 @@ class TensorBoardLog:
         self.writer.close()
 
 
-def flat_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Config leaves as TensorBoard hparams (numbers, strings, bools; lists and None as text)."""
-    from .config import leaves
-    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in leaves(config).items()}
-
-
 def to_numpy(observables: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     """One device→host transfer per logged time."""
     return {k: v.detach().to("cpu", torch.float64).numpy() for k, v in observables.items()}

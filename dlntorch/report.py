@@ -20,6 +20,23 @@ def environment(device: torch.device) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
+# what every run shows in the HPARAMS tab; the keys a sweep overrides are added to these
+HPARAMS = ("experiment", "task.name", "model.depth", "model.widths", "init.name", "init.scale",
+           "init.scale_of", "optim.name", "optim.lr", "replicas", "seed")
+
+
+def hparams(config: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
+    """The HPARAMS tab's columns: the core keys and every key the command line set (Hydra's
+    task overrides), as numbers, strings or bools — not all ~60 leaves of the config, among which
+    the swept ones would be lost (TensorBoard shows the first few columns only)."""
+    from .config import leaves
+    flat = leaves(config)
+    swept = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
+    beta = ("optim.beta",) if flat.get("optim.name") == "langevin" else ()
+    chosen = {k: flat[k] for k in dict.fromkeys((*HPARAMS, *beta, *swept)) if k in flat}
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in chosen.items()}
+
+
 def headline(summary: dict[str, Any]) -> dict[str, float]:
     """The final metrics shown in TensorBoard's HPARAMS tab (those the run has)."""
     agg = summary["aggregates"]

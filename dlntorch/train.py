@@ -24,12 +24,12 @@ from .config import (ConfigError, as_config, derive_seeds, leaves, resolve_depth
 from .dynamics import Dynamics, build_dynamics
 from .events import summarise_events
 from .init import initial_factors
-from .logger import (TensorBoardLog, Trajectory, aggregate, flat_hparams, log_steps, to_numpy,
+from .logger import (TensorBoardLog, Trajectory, aggregate, log_steps, to_numpy,
                      write_json)
 from .network import DeepLinearNetwork, default_widths
 from .tasks import Task, build_task
 from .metrics import observe
-from .report import environment, headline
+from .report import environment, headline, hparams
 
 CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
@@ -41,6 +41,12 @@ class DivergenceError(RuntimeError):
 
 
 # ------------------------------------------------------------------------ configuration
+
+def hydra_overrides() -> list[str]:
+    """The command line's overrides of this job (a sweep's swept values), [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
 
 def output_dir(cfg: DictConfig) -> Path:
     """The run dir (see config.run_dir), created; outside Hydra without run.out_dir,
@@ -283,7 +289,7 @@ class Lab:
         final = s.trajectory.rows[-1]
         self.tb.histograms(s.step, final, final["diverged"] > 0)
         summary = self.summarise(final, self.stopped)
-        self.tb.hparams(flat_hparams(summary["config"]), headline(summary), s.step)
+        self.tb.hparams(hparams(summary["config"], hydra_overrides()), headline(summary), s.step)
         self.tb.close()
         write_json(self.out / SUMMARY, summary)
         return summary

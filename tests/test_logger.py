@@ -42,3 +42,16 @@ def test_fast_event_checksums_equal_tensorboards():
     from dlntorch.logger import masked_crc32c
     for data in (b"", b"a", bytes(range(256)) * 41, np.random.default_rng(2).bytes(10_001)):
         assert masked_crc32c(data) == reference(data)
+
+
+def test_hparams_are_the_core_keys_and_the_swept_ones():
+    from dlntorch.report import hparams
+    config = {"experiment": "seed2x2", "task": {"name": "seed2x2", "size": 2}, "model": {"depth": 3, "widths": None},
+              "init": {"name": "gaussian", "scale": 0.01, "scale_of": "layer", "imbalance": 1.0},
+              "optim": {"name": "langevin", "lr": 0.05, "beta": 1e4, "rtol": 1e-10},
+              "run": {"steps": 100, "log_points": 50}, "replicas": 8, "seed": 0}
+    shown = hparams(config, ["model.depth=3", "run.log_points=50", "+tags.note=x"])
+    assert list(shown) == ["experiment", "task.name", "model.depth", "model.widths", "init.name", "init.scale",
+                           "init.scale_of", "optim.name", "optim.lr", "replicas", "seed", "optim.beta",
+                           "run.log_points"]
+    assert shown["model.widths"] == "None" and shown["optim.beta"] == 1e4   # TensorBoard takes no None
