@@ -27,7 +27,7 @@ from .logger import aggregate_rows
 
 TRAJECTORY = "trajectory.npz"
 PANELS = ("energy", "effective_rank", "balancedness", "singular_values")
-# quantities that decay towards 0 over decades (and the staircase of rank jumps): linear y hides them
+# quantities that decay towards 0 over decades (and the staircase of rank jumps): log y when they span one
 LOG_Y = ("energy", "test_error", "hyperbola_distance", "singular_values")
 SINGULAR = re.compile(r"singular_value_(\d+)")
 
@@ -166,9 +166,12 @@ def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Pat
     `path` if given; returns the matplotlib Figure."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure   # no pyplot: no display, no global figure to leak in loops
+
     from .report import table
 
     names = [n for n in PANELS if n in run.trajectory] if observables is None else _names(run, observables)
+    if not names:
+        raise ValueError("plot_run needs at least one observable to plot")
     cols = min(len(names), 2)
     rows = -(-len(names) // cols)
     fig = Figure(figsize=(5.5 * cols, 3.6 * rows), layout="constrained")
@@ -197,14 +200,15 @@ def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Pat
                 if shown.size:
                     ax.plot([], [], color="0.45", lw=0.6, label=f"replicas {', '.join(map(str, shown))}")
                 ax.legend(fontsize=8)
-        values = (run.trajectory[name] if name == "singular_values" else run.series(name))[keep]
-        if name in LOG_Y and (values[np.isfinite(values)] > 0).any():
+        values = (run.trajectory[name] if name == "singular_values" else run.series(name))[keep][:, run.live]
+        positive = values[np.isfinite(values) & (values > 0)]
+        if name in LOG_Y and positive.size and positive.max() > 10 * positive.min():   # < a decade: linear reads better
             ax.set_yscale("log")
         ax.set(title=name, xlabel="t", xscale="log" if (run.t > 0).any() else "linear")
         _label_short_log_axis(ax)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    dead = int(run.summary.get("diverged_count", run.diverged[-1].sum()))
+    dead = int((~run.live).sum())
     title = table(run.summary).splitlines()[0].removeprefix("dlntorch: ")   # the run's own report header
     fig.suptitle(title + (f"\n{dead} of {run.replicas} replicas diverged (left out of the bands)" if dead else ""),
                  fontsize=10)
