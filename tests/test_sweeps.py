@@ -43,27 +43,24 @@ def assert_grid_table(sweep: Path) -> None:
     assert (sweep / "sweep.csv").is_file()
 
 
+# each launcher's jobs take their share of the cores: joblib's 2 parallel jobs half each,
+# submitit_local's jobs (all started at once) one thread each
+LAUNCHERS = {"joblib": (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], lambda: max(available_cores() // 2, 1)),
+             "submitit_local": (["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"], lambda: 1)}
+
+
 @pytest.mark.slow
-def test_a_joblib_multirun_gives_every_summary_and_one_table(tmp_path):
-    done, sweep = multirun(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *GRID)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_parallel_multirun_gives_every_summary_and_one_table(tmp_path, launcher):
+    args, threads = LAUNCHERS[launcher]
+    done, sweep = multirun(tmp_path, *args, *GRID)
     assert done.returncode == 0, done.stderr
     assert len(list(sweep.glob("*/summary.json"))) == 4
     assert_grid_table(sweep)
-    # each of the 2 parallel jobs took its share of the cores
     for path in sweep.glob("*/summary.json"):
         summary = json.loads(path.read_text())
-        assert summary["config"]["threads"] == max(available_cores() // 2, 1)
+        assert summary["config"]["threads"] == threads()
         assert summary["environment"]["threads"] == summary["config"]["threads"]
-
-
-@pytest.mark.slow
-def test_a_submitit_local_multirun_gives_every_summary_and_one_table(tmp_path):
-    done, sweep = multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *GRID)
-    assert done.returncode == 0, done.stderr
-    assert len(list(sweep.glob("*/summary.json"))) == 4
-    assert_grid_table(sweep)
-    for path in sweep.glob("*/summary.json"):
-        assert json.loads(path.read_text())["config"]["threads"] == 1
 
 
 @pytest.mark.slow
