@@ -24,7 +24,7 @@ from .config import (ConfigError, as_config, derive_seeds, leaves, resolve_depth
 from .dynamics import Dynamics, build_dynamics
 from .events import summarise_events
 from .init import initial_factors
-from .logger import (TensorBoardLog, Trajectory, aggregate, log_steps, to_numpy,
+from .logger import (TensorBoardLog, Trajectory, aggregate, atomic_write_bytes, log_steps, to_numpy,
                      write_json)
 from .network import DeepLinearNetwork, default_widths
 from .tasks import Task, build_task
@@ -112,6 +112,7 @@ class Lab:
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()])
         self.beta = cfg.optim.beta if cfg.optim.name == "langevin" else None
+        self.tb: TensorBoardLog | None = None   # opened by train (a resumed run purges first)
         self.pending: list[tuple] = []       # logged snapshots not yet observed (see log)
         self.last_flush = time.monotonic()
         self.stopped = False      # by run.stop_energy
@@ -121,12 +122,11 @@ class Lab:
     def checkpoint(self) -> None:
         """Write checkpoint.pt atomically (temporary file, then rename): a crash or a kill at any
         moment leaves the previous checkpoint whole and usable."""
-        from .logger import atomic_write_bytes
         s = self.state
         self.flush()
         # events up to this step reach the disk before the checkpoint names the step: a resumed
         # run purges the events past it (purge_step), so every step is in TensorBoard exactly once
-        if getattr(self, "tb", None) is not None:
+        if self.tb is not None:
             self.tb.writer.flush()
         # the trajectory so far goes to trajectory.npz first; the checkpoint records how many of
         # its rows are its own, so a crash between the two writes leaves a consistent pair
