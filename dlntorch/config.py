@@ -64,6 +64,7 @@ class OptimConfig:
     lr: float = 0.05
     weight_decay: float = 0.0
     beta: float = 1e4                   # langevin: inverse temperature
+    noise: str = "isotropic"            # langevin: isotropic (every entry) | fibre (along the fibres only)
     momentum: float = 0.9               # momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
     batch_size: int = 1                 # sgd: observed entries / measurements / samples per step
@@ -302,6 +303,9 @@ def validate(cfg: Any) -> None:
         _fail("optim.weight_decay", optim.weight_decay, "it must be a finite number ≥ 0")
     if optim.name == "langevin":
         _positive_finite("optim.beta", optim.beta)
+        _one_of("optim.noise", optim.noise, ("isotropic", "fibre"))
+        if optim.noise == "fibre" and resolve_depth(model) < 2:
+            _fail("optim.noise", optim.noise, "depth 1 has no fibre to move along; use depth ≥ 2 or isotropic")
     if optim.name == "momentum" and not (0 <= optim.momentum < 1):
         _fail("optim.momentum", optim.momentum, "it must be in [0, 1)")
     if optim.name == "adam" and not (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas)):

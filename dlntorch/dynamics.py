@@ -108,7 +108,8 @@ class StepDynamics(Dynamics):
         self.closed_form = cfg.run.gradient != "autograd"
         self.name = cfg.optim.name
         self.batch_size = cfg.optim.batch_size if self.name == "sgd" else None
-        self.fused = self.closed_form and self.name in self.FUSED
+        # fibre noise is a matrix exponential per hidden layer: the optimizer's own step
+        self.fused = self.closed_form and self.name in self.FUSED and cfg.optim.noise == "isotropic"
         if layout is None:
             small = max(net.widths) <= self.PLANES_MAX_WIDTH and net.replicas >= self.PLANES_MIN_REPLICAS
             layout = "planes" if self.fused and small else "batch"
