@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from .collect import collect, is_run_dir, run_status
+from .config import TRAJECTORY
 from .logger import aggregate_rows
 
-TRAJECTORY = "trajectory.npz"
 PANELS = ("energy", "effective_rank", "balancedness", "singular_values")
 # quantities that decay towards 0 over decades (and the staircase of rank jumps): log y when they span one
 LOG_Y = ("energy", "test_error", "hyperbola_distance", "singular_values")

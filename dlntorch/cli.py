@@ -15,12 +15,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, derive_seeds, run_dir
+from .config import CHECKPOINT, SUMMARY, ConfigError, derive_seeds, run_dir
 from .report import table
 
 log = logging.getLogger(__name__)
 
-SUMMARY = "summary.json"
 
 
 # ------------------------------------------------------------------------ where the job runs
@@ -106,7 +105,7 @@ def record_failure(cfg: DictConfig, error: BaseException) -> Path | None:
             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": os.uname().nodename if hasattr(os, "uname") else None,
             "overrides": list(hc.overrides.task) if hc is not None else None,
-            "checkpoint": (out / "checkpoint.pt").is_file(),
+            "checkpoint": (out / CHECKPOINT).is_file(),
             "config": config,
             "seeds": seeds,
         }

@@ -30,9 +30,9 @@ from typing import Any, Iterable
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .config import leaves, total_steps
+from .config import CHECKPOINT, SUMMARY, leaves, total_steps
 
-SUMMARY, CHECKPOINT, HYDRA_DIR = "summary.json", "checkpoint.pt", ".hydra"
+HYDRA_DIR = ".hydra"
 SCALARS = ("stopped_by", "steps", "t", "wall_time", "replicas", "depth", "diverged_count",
            "near_rank_one", "gradient_evaluations")
 # config keys that never distinguish runs (paths, display, bookkeeping)

@@ -127,7 +127,7 @@ def _show(value: Any) -> str:
     """A value as the user typed it: 0 not 0.0, 'text' quoted, lists plain."""
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
+    if not isinstance(value, str) and hasattr(value, "__iter__"):   # lists, ListConfig
         return str(list(value))
     return repr(value)
 
@@ -220,6 +220,10 @@ def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+# what a run dir holds (see README, "Outputs of a run")
+CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
 
 
 def run_dir(cfg: Any) -> Path | None:

@@ -299,16 +299,27 @@ def fibre_move(factors: Sequence[Tensor], generators: Sequence[Tensor]) -> list[
     return moved
 
 
+def haar_semi_orthogonal(
+    batch: int, rows: int, cols: int, *, generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+) -> Tensor:
+    """B Haar-distributed rows×cols matrices with orthonormal columns (rows ≥ cols) or rows:
+    QR of a Gaussian with R's diagonal made positive (without that fix QR is not Haar)."""
+    big, small = max(rows, cols), min(rows, cols)
+    G = torch.randn(batch, big, small, generator=generator, dtype=dtype, device=device)
+    Q, R = torch.linalg.qr(G)
+    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    Q = Q * signs.unsqueeze(-2)
+    return Q if rows >= cols else Q.mT
+
+
 def haar_orthogonal(
     batch: int, d: int, *, generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
 ) -> Tensor:
-    """B Haar-distributed orthogonal d×d matrices: QR of a Gaussian with R's diagonal made positive."""
-    G = torch.randn(batch, d, d, generator=generator, dtype=dtype, device=device)
-    Q, R = torch.linalg.qr(G)
-    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return Q * signs.unsqueeze(-2)
+    """B Haar-distributed orthogonal d×d matrices."""
+    return haar_semi_orthogonal(batch, d, d, generator=generator, dtype=dtype, device=device)
 
 
 def balanced_factors(

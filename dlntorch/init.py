@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError
-from .geometry import balanced_factors, fibre_move
+from .geometry import balanced_factors, fibre_move, haar_semi_orthogonal
 from .tasks import load_arrays
 from .network import balancedness_of
 
@@ -58,18 +58,11 @@ def balanced(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.
     return balanced_factors(W, widths, generator=gen)
 
 
-def _semi_orthogonal(B: int, rows: int, cols: int, gen: torch.Generator) -> Tensor:
-    """Haar-random matrices with orthonormal rows or columns (QR with the sign fix)."""
-    big, small = max(rows, cols), min(rows, cols)
-    Q, R = torch.linalg.qr(torch.randn(B, big, small, generator=gen, dtype=torch.float64))
-    Q = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
-    return Q if rows >= cols else Q.mT
-
-
 def orthogonal(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.Generator) -> Factors:
     """W_p = c · (random semi-orthogonal), c = scale per layer (or scale^{1/N})."""
     c = _layer_scale(scale, scale_of, len(widths) - 1)
-    return [c * _semi_orthogonal(B, d_out, d_in, gen) for d_in, d_out in zip(widths[:-1], widths[1:])]
+    return [c * haar_semi_orthogonal(B, d_out, d_in, generator=gen, dtype=torch.float64)
+            for d_in, d_out in zip(widths[:-1], widths[1:])]
 
 
 def identity(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.Generator) -> Factors:

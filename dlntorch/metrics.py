@@ -58,6 +58,7 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
     bad = ~torch.stack([torch.isfinite(f).flatten(1).all(1) for f in raw]).all(0)
     if diverged is not None:
         bad = bad | diverged
+    energy = task.energy(chain(raw))      # the raw one: a diverged replica shows its own
     factors = [torch.where(bad.view(B, 1, 1), torch.zeros_like(f), f) for f in raw]
     W = chain(factors)
     s = torch.linalg.svdvals(W)
@@ -79,11 +80,11 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
         if 1 < depth < math.inf:     # S_N has (N − 1) log c_d: none at N = 1 or N = inf
             out["entropy"] = entropy(W, depth, singular_values=s)
             if beta is not None:
-                out["free_energy"] = task.energy(W) - out["entropy"] / beta
+                out["free_energy"] = energy - out["entropy"] / beta
     out.update(task.observables(W))
     out["product_norm"] = frobenius(W)
     out = {k: torch.where(bad, torch.nan, v.to(W.dtype)) for k, v in out.items()}
-    out["energy"] = task.energy(chain(raw))
+    out["energy"] = energy
     for p, f in enumerate(raw, start=1):
         out[f"factor_norm_{p}"] = frobenius(f)
     out["singular_values"] = torch.where(bad.view(B, 1), torch.nan, s)

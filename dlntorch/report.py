@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .config import leaves
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -29,7 +30,6 @@ def hparams(config: dict[str, Any], overrides: list[str] | None = None) -> dict[
     """The HPARAMS tab's columns: the core keys and every key the command line set (Hydra's
     task overrides), as numbers, strings or bools — not all ~60 leaves of the config, among which
     the swept ones would be lost (TensorBoard shows the first few columns only)."""
-    from .config import leaves
     flat = leaves(config)
     swept = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
     beta = ("optim.beta",) if flat.get("optim.name") == "langevin" else ()

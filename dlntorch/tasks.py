@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, task_shape
+from .geometry import haar_semi_orthogonal
 
 LOSS_COEFFICIENTS = {"half_sum": lambda M: 0.5, "mean": lambda M: 1.0 / M, "half_mean": lambda M: 0.5 / M}
 
@@ -222,8 +223,8 @@ def truth_with_spectrum(m: int, n: int, spectrum: list[float], generator: torch.
     """U diag(spectrum) V^T with Haar-random orthonormal columns U, V: a ground truth whose singular
     values are prescribed (well-separated ones make incremental learning visible)."""
     r = len(spectrum)
-    U, _ = torch.linalg.qr(torch.randn(m, r, generator=generator, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n, r, generator=generator, dtype=torch.float64))
+    U = haar_semi_orthogonal(1, m, r, generator=generator, dtype=torch.float64)[0]
+    V = haar_semi_orthogonal(1, n, r, generator=generator, dtype=torch.float64)[0]
     return U @ torch.diag(torch.tensor(list(spectrum), dtype=torch.float64)) @ V.T
 
 

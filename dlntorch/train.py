@@ -19,8 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .config import (ConfigError, as_config, derive_seeds, leaves, resolve_depth, run_dir,
-                     total_steps, validate)
+from .config import (CHECKPOINT, EVENTS, SUMMARY, TRAJECTORY, ConfigError, as_config, derive_seeds,
+                     leaves, resolve_depth, run_dir, total_steps, validate)
 from .dynamics import Dynamics, build_dynamics
 from .events import summarise_events
 from .init import initial_factors
@@ -31,7 +31,6 @@ from .tasks import Task, build_task
 from .metrics import observe
 from .report import environment, headline, hparams
 
-CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
 FLUSH_ELEMENTS = 1 << 22      # pending snapshot entries (×8 bytes) before observing them
 
@@ -246,14 +245,13 @@ class Lab:
         self.tb = TensorBoardLog(self.out / EVENTS, cfg.run.log_replicas,
                                  purge_step=None if not resumed else s.step if self.finished else s.step + 1)
         self.last_checkpoint = (s.step, time.monotonic())
-        logged = {int(row["step"]) for row in s.trajectory.rows}
         ends = chunk_ends(self.grid, cfg.run.stop_check_every if self.dynamics.step_based else None,
                           self.total_steps)
         self.dynamics.plan(ends)
         if self.finished:     # killed after its final checkpoint: only the reports are left
             return self.finish()
         bar = progress_bar(cfg, self.total_steps, s.step)
-        if s.step == 0 and 0 not in logged:
+        if s.step == 0 and not s.trajectory.rows:
             self.check()
             self.log()
         for end in ends[ends > s.step]:
@@ -288,13 +286,13 @@ class Lab:
             self.checkpoint()     # writes trajectory.npz too
         final = s.trajectory.rows[-1]
         self.tb.histograms(s.step, final, final["diverged"] > 0)
-        summary = self.summarise(final, self.stopped)
+        summary = self.summarise(final)
         self.tb.hparams(hparams(summary["config"], hydra_overrides()), headline(summary), s.step)
         self.tb.close()
         write_json(self.out / SUMMARY, summary)
         return summary
 
-    def summarise(self, final: dict[str, np.ndarray], stopped: bool) -> dict[str, Any]:
+    def summarise(self, final: dict[str, np.ndarray]) -> dict[str, Any]:
         s, cfg = self.state, self.cfg
         per_replica = {k: v.tolist() for k, v in final.items() if k not in ("step", "t")}
         per_replica["diverged"] = [bool(x) for x in final["diverged"]]
@@ -306,7 +304,7 @@ class Lab:
         aggregates["convergence_time"] = aggregate(np.where(live, events["convergence_time"], np.nan))
         return {
             "status": "completed",
-            "stopped_by": "stop_energy" if stopped else ("time" if cfg.run.time is not None
+            "stopped_by": "stop_energy" if self.stopped else ("time" if cfg.run.time is not None
                                                          and s.step == self.total_steps else "steps"),
             "out_dir": str(self.out),
             "config": OmegaConf.to_container(cfg, resolve=True),
