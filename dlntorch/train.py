@@ -1,9 +1,11 @@
 """The run loop: `run(cfg) -> summary`, usable from Python and from the CLI.
 
-config → validate → task → network + initial condition → dynamics → loop over chunks of steps;
-at logged times: observables → TensorBoard + trajectory; at the end: summary.json, hparams,
-checkpoint. Everything batched over the replica axis; the loop never syncs with the device
-except at logged times and stop checks.
+config → validate → task → network + initial condition → dynamics → loop over chunks of steps,
+each followed by the stop test; at logged times a snapshot (recorder.py observes them in batches
+into the trajectory and TensorBoard); checkpoints and resume through the run dir (rundir.py); at
+the end the final checkpoint, then the reports (report.summarise → summary.json, hparams).
+Everything batched over the replica axis; the loop never syncs with the device except at logged
+times and stop checks. `hooks` (hooks.py) let an instrument time each stretch of the loop.
 """
 from __future__ import annotations
 
