@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 _NOTHING = contextlib.nullcontext()
 
@@ -20,7 +20,7 @@ class Hooks:
 
     These hooks do nothing; subclass them to watch the loop (Stopwatch times it)."""
 
-    def phase(self, name: str) -> ContextManager:
+    def phase(self, name: str) -> AbstractContextManager:
         return _NOTHING
 
 

@@ -9,8 +9,9 @@ Observing at every logged time instead costs more than the steps of a short run.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import platform
 import socket
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -54,7 +54,7 @@ class RunDir:
         self.events = self.path / EVENTS
 
     @classmethod
-    def create(cls, cfg: DictConfig) -> "RunDir":
+    def create(cls, cfg: DictConfig) -> RunDir:
         out = run_dir(cfg) or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
         out.mkdir(parents=True, exist_ok=True)
         return cls(out)
