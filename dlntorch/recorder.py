@@ -31,9 +31,9 @@ class Recorder:
     the factors and extra observables of `dynamics`; `beta` is the Langevin β (None otherwise)."""
 
     def __init__(self, dynamics: Any, task: Any, state: Any, rank_tol: float, beta: float | None,
-                 hooks: Hooks):
+                 hooks: Hooks | None = None):
         self.dynamics, self.task, self.state = dynamics, task, state
-        self.rank_tol, self.beta, self.hooks = rank_tol, beta, hooks
+        self.rank_tol, self.beta, self.hooks = rank_tol, beta, hooks or Hooks()
         self.tb: TensorBoardLog | None = None   # opened by `open` (a resumed run purges first)
         self.pending: list[tuple] = []          # logged snapshots not yet observed
         self.last_flush = time.monotonic()
