@@ -3,20 +3,17 @@ does when it fails (records it, so a sweep's table shows it) or runs under a par
 (takes its share of the cores, no more)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import time
-import traceback
-from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .config import CHECKPOINT, SUMMARY, ConfigError, derive_seeds, run_dir
+from .config import ConfigError
 from .report import table
+from .rundir import record_failure   # what a failed job leaves in its run dir
 
 log = logging.getLogger(__name__)
 
@@ -69,53 +66,6 @@ def launcher_threads() -> int | None:
             return int(cpus)
         return cores if "slurm" in target.lower() else 1
     return None
-
-
-# ------------------------------------------------------------------------ failures
-
-def record_failure(cfg: DictConfig, error: BaseException) -> Path | None:
-    """Write a `status: failed` summary.json (error, config, seeds, traceback) into the run dir,
-    so that `dlntorch.collect` lists the run with why. A completed summary is never overwritten.
-    Returns the path written, or None. Never raises: it runs while handling another error."""
-    try:
-        out = run_dir(cfg)
-        if out is None:
-            return None
-        path = out / SUMMARY
-        if path.is_file():
-            try:
-                if json.loads(path.read_text()).get("status") == "completed":
-                    return None
-            except (OSError, ValueError):
-                pass
-        try:
-            config = OmegaConf.to_container(cfg, resolve=True)
-        except Exception:       # a broken interpolation: keep the raw values
-            config = OmegaConf.to_container(cfg, resolve=False)
-        try:
-            seeds = derive_seeds(cfg)
-        except Exception:
-            seeds = {"seed": OmegaConf.select(cfg, "seed", default=None)}
-        hc = _hydra_config()
-        summary = {
-            "status": "failed",
-            "error": {"type": type(error).__name__, "message": str(error),
-                      "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__))},
-            "out_dir": str(out),
-            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "host": os.uname().nodename if hasattr(os, "uname") else None,
-            "overrides": list(hc.overrides.task) if hc is not None else None,
-            "checkpoint": (out / CHECKPOINT).is_file(),
-            "config": config,
-            "seeds": seeds,
-        }
-        out.mkdir(parents=True, exist_ok=True)
-        from .logger import write_json
-        write_json(path, summary)
-        return path
-    except Exception as inner:     # recording must never hide the real error
-        log.warning("could not record the failure in summary.json: %s", inner)
-        return None
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,16 +1,61 @@
-"""What a run reports beyond its observables: the environment, the headline metrics of
-TensorBoard's HPARAMS tab, and the table printed at the end of a run."""
+"""What a run reports: the summary.json schema (summarise), the environment, the headline metrics
+of TensorBoard's HPARAMS tab, and the table printed at the end of a run."""
 from __future__ import annotations
 
 import platform
 import socket
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
 from .config import leaves
+from .events import summarise_events
+from .logger import aggregate
+
+
+def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, out: Path,
+              seeds: dict[str, int], device: torch.device, widths: list[int], total_steps: int,
+              counters: dict[str, Any], wall_time: float) -> dict[str, Any]:
+    """summary.json of a completed run: what ran (config, seeds, environment, shapes), how far
+    (steps, t, gradient evaluations, the dynamics' counters, wall time, why it stopped), and the
+    final row: per replica, aggregated over live replicas, and its events (first passages,
+    rank jumps). `state` is the run's rundir.RunState, `final` its last logged row."""
+    s = state
+    per_replica = {k: v.tolist() for k, v in final.items() if k not in ("step", "t")}
+    per_replica["diverged"] = [bool(x) for x in final["diverged"]]
+    live = final["diverged"] == 0
+    aggregates = {k: aggregate(np.where(live, v, np.nan)) for k, v in final.items()
+                  if v.ndim == 1 and k not in ("step", "t", "diverged")}
+    # first passage below the stop level (1e-8 when the run has none) and rank jumps
+    events = summarise_events(s.trajectory.arrays(), cfg.run.stop_energy or 1e-8)
+    aggregates["convergence_time"] = aggregate(np.where(live, events["convergence_time"], np.nan))
+    return {
+        "status": "completed",
+        "stopped_by": "stop_energy" if s.stopped else ("time" if cfg.run.time is not None
+                                                       and s.step == total_steps else "steps"),
+        "out_dir": str(out),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "seeds": seeds,
+        "environment": environment(device),
+        "widths": widths,
+        "depth": len(widths) - 1,
+        "replicas": cfg.replicas,
+        "steps": s.step,
+        "t": s.t,
+        "gradient_evaluations": s.gradient_evaluations,
+        **counters,
+        "wall_time": wall_time,
+        "diverged_count": int((~live).sum()),
+        "near_rank_one": int(((final["effective_rank"] < cfg.run.rank_one_tol) & live).sum()),
+        "aggregates": aggregates,
+        "final": per_replica,
+        "events": events,
+    }
 
 
 def environment(device: torch.device) -> dict[str, Any]:

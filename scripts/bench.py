@@ -26,7 +26,6 @@ Sections (CPU unless said):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -63,7 +62,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-import dlntorch.logger as dlnlogger  # noqa: E402
+from dlntorch.hooks import Stopwatch  # noqa: E402
 from dlntorch.train import Lab, chunk_ends  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
@@ -246,31 +245,10 @@ def section_seed(repeats: int, chunk_s: float, quick: bool) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def timed_logging(acc: dict):
-    """Time where logging goes: snapshots (Lab.log), their batched observables with the
-    TensorBoard records (Lab.flush, which includes tb_scalars), the end (histograms, hparams,
-    checkpoint, trajectory.npz, summary.json)."""
-    saved_log, saved_flush = Lab.log, Lab.flush
-    saved_scalars, saved_finish = dlnlogger.TensorBoardLog.scalars, Lab.finish
-
-    def wrap(fn, key):
-        def inner(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
-        return inner
-
-    Lab.log, Lab.flush = wrap(saved_log, "snapshot"), wrap(saved_flush, "flush")
-    dlnlogger.TensorBoardLog.scalars = wrap(saved_scalars, "tb_scalars")
-    Lab.finish = wrap(saved_finish, "finish")
-    try:
-        yield acc
-    finally:
-        Lab.log, Lab.flush = saved_log, saved_flush
-        dlnlogger.TensorBoardLog.scalars, Lab.finish = saved_scalars, saved_finish
+# where logging goes, as the loop's timing hooks name it: snapshots (with the flushes they set
+# off), their batched observables with the TensorBoard records (flush, which includes
+# tb_scalars), the end (histograms, hparams, checkpoint, trajectory.npz, summary.json)
+LOGGING_PHASES = {"log": "snapshot", "flush": "flush", "scalars": "tb_scalars", "finish": "finish"}
 
 
 def logging_overhead(case: list[str], label: str, B: int, repeats: int) -> dict:
@@ -278,12 +256,12 @@ def logging_overhead(case: list[str], label: str, B: int, repeats: int) -> dict:
     the same steps with the same stop tests and no logging at all."""
     with_log, without, parts, steps, points = [], [], {}, None, None
     for i in range(repeats):
-        lab = make_lab(*case, f"replicas={B}", out=f"log{label}{B}-{i}")
-        acc: dict = {}
-        with timed_logging(acc):
-            t0 = time.perf_counter()
-            summary = lab.train()
-            with_log.append(time.perf_counter() - t0)
+        watch = Stopwatch()
+        lab = Lab(config(*case, f"replicas={B}", out=f"log{label}{B}-{i}"), hooks=watch)
+        t0 = time.perf_counter()
+        summary = lab.train()
+        with_log.append(time.perf_counter() - t0)
+        acc = {LOGGING_PHASES[k]: v for k, v in watch.seconds.items() if k in LOGGING_PHASES}
         parts = {k: min(v, parts.get(k, math.inf)) for k, v in acc.items()}
         steps, points = summary["steps"], len(lab.state.trajectory.rows)
         bare = make_lab(*case, f"replicas={B}", out=f"nolog{label}{B}-{i}")
@@ -374,7 +352,7 @@ def probe(case: str, B: int, steps: int) -> None:
     loop = LabLoop(lab)
     loop.run(steps)
     stepping = rss_kib("VmHWM")
-    row_ = lab.rows([lab.snapshot()])[0]
+    row_ = lab.recorder.rows([lab.recorder.snapshot()])[0]
     row_bytes = sum(v.nbytes for v in row_.values()) / B
     print(json.dumps({"peak_kib": stepping, "peak_observe_kib": rss_kib("VmHWM"), "row_bytes": row_bytes,
                       "layout": lab.dynamics.layout}))

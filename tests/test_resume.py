@@ -184,15 +184,15 @@ def test_a_run_killed_between_its_final_checkpoint_and_its_summary_resumes_to_th
     reference = run(make_cfg(*base, out="reference"))
     assert reference["stopped_by"] == "stop_energy"
 
-    import dlntorch.train as train
-    real_write_json = train.write_json
+    import dlntorch.rundir as rundir
+    real_write_json = rundir.write_json
 
     def killed(path, data):
         raise KeyboardInterrupt       # the process dies before summary.json is written
-    monkeypatch.setattr(train, "write_json", killed)
+    monkeypatch.setattr(rundir, "write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(*base, out="killed"))
-    monkeypatch.setattr(train, "write_json", real_write_json)
+    monkeypatch.setattr(rundir, "write_json", real_write_json)
     assert not (tmp_path / "killed" / "summary.json").exists()
 
     resumed = run(make_cfg(*base, "resume=true", out="killed"))

@@ -1,4 +1,5 @@
 """A run end to end through `run(cfg)`: outputs, divergence, the exact flows in the loop."""
+import contextlib
 import json
 import math
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dlntorch.hooks import Stopwatch
 from dlntorch.logger import log_steps
-from dlntorch.train import run
+from dlntorch.train import chunk_ends, run
 
 
 def scalar_tags(run_dir):
@@ -41,6 +43,45 @@ def test_a_run_writes_summary_trajectory_checkpoint_and_events(make_cfg, tmp_pat
     steps = [e.step for e in events.Scalars("energy/median")]
     assert steps == sorted(set(steps))                      # one point per logged step
     assert {"final/energy", "final/effective_rank"} <= set(events.Tags()["histograms"])
+
+
+def test_the_loops_hooks_see_each_stretch_of_the_run_and_change_nothing(make_cfg, tmp_path):
+    """Timing hooks (what scripts/bench.py uses): one "advance" per chunk of steps, one "log" per
+    logged row, TensorBoard records only inside a flush, "finish" once and last; and a watched run
+    ends bit for bit where an unwatched one does."""
+    class Watch(Stopwatch):
+        """A Stopwatch that also notes each phase with the phases open around it."""
+        def __init__(self):
+            super().__init__()
+            self.open, self.seen = [], []
+
+        @contextlib.contextmanager
+        def phase(self, name):
+            self.seen.append((name, tuple(self.open)))
+            self.open.append(name)
+            try:
+                with super().phase(name):
+                    yield
+            finally:
+                self.open.pop()
+
+    args = ["replicas=3", "run.steps=400", "run.log_points=20", "run.stop_energy=0", "run.stop_check_every=50"]
+    watch = Watch()
+    watched = run(make_cfg(*args, out="watched"), hooks=watch)
+    plain = run(make_cfg(*args, out="plain"))
+    assert json.dumps(watched["final"]) == json.dumps(plain["final"])
+    assert json.dumps(watched["aggregates"]) == json.dumps(plain["aggregates"])
+
+    ends = chunk_ends(log_steps(400, 20), 50, 400)
+    with np.load(tmp_path / "watched" / "trajectory.npz") as traj:
+        rows = len(traj["step"])
+    assert watch.calls["advance"] == len(ends[ends > 0])
+    assert watch.calls["log"] == rows
+    assert watch.calls["finish"] == 1 and [name for name, outer in watch.seen if not outer][-1] == "finish"
+    assert all("flush" in outer for name, outer in watch.seen if name == "scalars")
+    assert not any(outer for name, outer in watch.seen if name in ("advance", "finish"))
+    assert set(watch.seconds) == {"advance", "log", "flush", "scalars", "finish"}
+    assert all(seconds >= 0 for seconds in watch.seconds.values())
 
 
 def test_log_grid_is_bounded_and_spans_decades():
