@@ -15,11 +15,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import CHECKPOINT, SUMMARY, ConfigError, derive_seeds, run_dir
+from .config import CHECKPOINT, SUMMARY, ConfigError, derive_seeds, register, run_dir
 from .report import table
 
 log = logging.getLogger(__name__)
-
+register()   # the schemas, each optimiser's own among them, before Hydra composes
 
 
 # ------------------------------------------------------------------------ where the job runs
@@ -125,7 +125,7 @@ def _one_line(error: BaseException) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from .train import run   # torch is imported here, after Hydra has parsed the command line
+    from .train import run
 
     if cfg.threads is None:
         cfg.threads = launcher_threads()

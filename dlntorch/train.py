@@ -110,7 +110,6 @@ class Lab:
         self.dynamics: Dynamics = build_dynamics(cfg, self.net, self.task, self.seeds["dynamics"])
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()])
-        self.beta = cfg.optim.beta if cfg.optim.name == "langevin" else None
         self.tb: TensorBoardLog | None = None   # opened by train (a resumed run purges first)
         self.pending: list[tuple] = []       # logged snapshots not yet observed (see log)
         self.last_flush = time.monotonic()
@@ -191,7 +190,7 @@ class Lab:
         dead = torch.cat(diverged)
         obs = observe([torch.cat(parts) for parts in zip(*factors)], self.task,
                       [g.repeat(K, 1, 1) for g in self.state.G0], self.cfg.run.rank_tol,
-                      beta=self.beta, depth=self.dynamics.depth, diverged=dead)
+                      beta=self.dynamics.beta, depth=self.dynamics.depth, diverged=dead)
         obs.update({k: torch.cat([extra[k] for extra in extras]) for k in extras[0]})
         arrays, dead = to_numpy(obs), dead.cpu().numpy().astype(np.float64)
         rows = []

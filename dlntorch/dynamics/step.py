@@ -1,66 +1,18 @@
-"""Dynamics: what moves the state between two pauses of the run loop.
-
-`StepDynamics` wraps an Optimizer (gd, sgd, momentum, adam, langevin): t = lr × step.
-The exact flows (optim=flow | downstairs) live in flows.py and plug in through the same
-interface, so the loop, the logging and the stop rules are one code path for all dynamics.
-"""
+"""Step-based dynamics: one update rule (a registered optimiser, dlntorch.optim) per step,
+t = lr × step, with closed-form gradients on the fast path."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .network import DeepLinearNetwork, chain
-from .optim import build_optimizer
-from .tasks import Task
-
-
-class Dynamics:
-    """The interface the run loop drives."""
-
-    step_based = True            # pauses for stop checks between logged steps
-    gradient_evaluations = 0
-
-    def __init__(self, lr: float):
-        self.lr = lr
-
-    def advance(self, steps: int) -> None:
-        raise NotImplementedError
-
-    def time(self, step: int) -> float:
-        return self.lr * step
-
-    def factors(self) -> list[Tensor]:
-        raise NotImplementedError
-
-    @property
-    def depth(self) -> int:
-        return len(self.factors())
-
-    def energy(self) -> Tensor:
-        raise NotImplementedError
-
-    def observables(self) -> dict[str, Tensor]:
-        """Observables particular to these dynamics (merged into metrics.observe's)."""
-        return {}
-
-    def counters(self) -> dict[str, int]:
-        """Counts particular to these dynamics, for the summary (besides gradient_evaluations)."""
-        return {}
-
-    def plan(self, pauses) -> None:
-        """The steps at which the loop will pause (a flow integrates ahead through them)."""
-
-    def freeze(self, diverged: Tensor) -> None:
-        """Stop moving the replicas flagged in `diverged` (B,)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+from .. import compat
+from ..network import DeepLinearNetwork, chain, factor_gradients
+from ..optim import OPTIMISERS, build_optimizer, fast_kernel
+from ..tasks import Task
+from .base import Dynamics
+from .layouts import Workspace
 
 
 class StepDynamics(Dynamics):
@@ -74,11 +26,10 @@ class StepDynamics(Dynamics):
 
     - prefix products W_p ⋯ W_1 are computed once per step, into preallocated buffers, and serve
       both the product W (for ∇E) and the factor gradients;
-    - `gd`, `sgd` and `langevin` update in place without torch.optim: p ← p − lr·g by
-      `torch._foreach_add_` — exactly the call torch.optim.SGD makes (foreach on CUDA; on the CPU
-      its per-tensor `add_` loop, the same kernel), so the update is bit-identical given the same
-      gradient; weight decay, Langevin's decay and its noise draws follow the same order and ops
-      as the optimizers. `momentum` and `adam` hand the closed-form gradients to torch.optim.
+    - `gd`, `sgd` and `langevin` update in place by the registered kernel of their rule
+      (dlntorch.optim: the one the Optimizer's step runs, or torch.optim.SGD's own ops), so the
+      update is bit-identical given the same gradient. `momentum` and `adam` (no kernel) hand the
+      closed-form gradients to torch.optim.
       The optimizer object is kept either way: its state_dict is the checkpoint's. The fused
       updates leave `p.grad` unset (nothing reads it; the gradients live in the workspace).
     - layout `planes` (chosen for small widths and many replicas, fused updates only): the
@@ -96,8 +47,6 @@ class StepDynamics(Dynamics):
 
     PLANES_MAX_WIDTH = 6        # planes: every width ≤ this …
     PLANES_MIN_REPLICAS = 512   # … and at least this many replicas (crossovers measured on a CPU)
-    FUSED = ("gd", "sgd", "langevin")
-
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task, seed: int,
                  layout: str | None = None, cuda_graphs: bool | None = None, graph_steps: int = 16):
         super().__init__(cfg.optim.lr)
@@ -107,9 +56,12 @@ class StepDynamics(Dynamics):
         self.optimizer = build_optimizer(cfg.optim, self.params, self.generator)
         self.closed_form = cfg.run.gradient != "autograd"
         self.name = cfg.optim.name
-        self.batch_size = cfg.optim.batch_size if self.name == "sgd" else None
-        # fibre noise is a matrix exponential per hidden layer: the optimizer's own step
-        self.fused = self.closed_form and self.name in self.FUSED and cfg.optim.noise == "isotropic"
+        self.batch_size = cfg.optim.batch_size if OPTIMISERS[self.name].extra.get("minibatch") else None
+        # the rule's kernel where it runs on any layout (fibre noise, a matrix exponential per
+        # hidden layer, does not: the optimizer's own step)
+        self.kernel = fast_kernel(self.optimizer, self.name) if self.closed_form else None
+        self.fused = self.kernel is not None
+        self._draws = getattr(self.optimizer, "term", None) is not None   # the rule draws noise
         if layout is None:
             small = max(net.widths) <= self.PLANES_MAX_WIDTH and net.replicas >= self.PLANES_MIN_REPLICAS
             layout = "planes" if self.fused and small else "batch"
@@ -119,7 +71,7 @@ class StepDynamics(Dynamics):
         self.layout = layout
         self.cuda_graphs = cfg.run.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.graph_steps = graph_steps
-        self._work: _Workspace | None = None
+        self._work: Workspace | None = None
         self._graph: Any = None
 
     # -- the loop's interface ---------------------------------------------------------
@@ -158,6 +110,10 @@ class StepDynamics(Dynamics):
     def factors(self) -> list[Tensor]:
         return [p.detach() for p in self.params]
 
+    @property
+    def beta(self) -> float | None:
+        return self.optimizer.param_groups[0].get("beta")
+
     @torch.no_grad()
     def energy(self) -> Tensor:
         return self.task.energy(chain(self.factors()))
@@ -180,12 +136,12 @@ class StepDynamics(Dynamics):
         refreshed from the parameters when anything changed them since the last write-back."""
         factors = [p.detach() for p in self.params]
         if self._work is None or self._work.stale(factors):
-            self._work = _Workspace(factors, self.layout)
+            self._work = Workspace(factors, self.layout)
             self._graph = None
         work = self._work
         if self.layout == "batch":
             return factors
-        if work.versions != [(f.data_ptr(), f._version) for f in factors]:
+        if work.versions != [(f.data_ptr(), compat.tensor_version(f)) for f in factors]:
             for plane, f in zip(work.planes, factors):
                 plane.copy_(f.permute(1, 2, 0))
         return work.planes
@@ -195,7 +151,7 @@ class StepDynamics(Dynamics):
         if self.layout == "planes":
             for f, plane in zip(factors, state):
                 f.permute(1, 2, 0).copy_(plane)
-        self._work.versions = [(f.data_ptr(), f._version) for f in factors]
+        self._work.versions = [(f.data_ptr(), compat.tensor_version(f)) for f in factors]
 
     def _weights(self) -> Tensor | None:
         return None if self.batch_size is None else \
@@ -203,44 +159,16 @@ class StepDynamics(Dynamics):
 
     # -- closed-form gradients ------------------------------------------------------------
     def _gradients(self, state: list[Tensor], weights: Tensor | None) -> list[Tensor]:
-        """∂L/∂W_p for all p: prefix products W_p ⋯ W_1 (the last is W), ∇E(W) from the task,
-        then from the output side down back_{p−1} = W_p^T back_p and grad_p = back_p prefix_{p−1}^T."""
+        """∂L/∂W_p for all p by the chain rule on the working layout, into the workspace."""
         work = self._work
-        mm, T = work.mm, work.T
-        prefix = [state[0]]
-        for p in range(1, len(state)):
-            prefix.append(mm(state[p], prefix[-1], work.prefix[p]))
-        if work.planes is None:
-            back = self.task.gradient(prefix[-1], weights)
-        else:   # the task sees (B, m, n) views; its output goes back to replica-last
-            back = self.task.gradient(prefix[-1].permute(2, 0, 1), weights).permute(1, 2, 0)
-        grads = work.grads
-        for p in range(len(state) - 1, 0, -1):
-            mm(back, T(prefix[p - 1]), grads[p])
-            back = mm(T(state[p]), back, work.back[p - 1])
-        grads[0] = back
-        return grads
+        return factor_gradients(state, lambda W: work.from_task(self.task.gradient(work.to_task(W), weights)),
+                                work.mm, work.T, work)
 
     def _fused_steps(self, state: list[Tensor], steps: int) -> None:
-        group = self.optimizer.param_groups[0]
-        lr, decay = group["lr"], group["weight_decay"]
-        langevin = self.name == "langevin"
-        if langevin:
-            noise_scale = math.sqrt(2 * lr / group["beta"])
-            noise = self._work.noise
+        work, kernel, optimizer = self._work, self.kernel, self.optimizer
+        draws = work.noise if self._draws else None
         for _ in range(steps):
-            grads = self._gradients(state, self._weights())
-            if langevin:                 # optim.Langevin.step, parameter by parameter
-                for p, g, xi in zip(state, grads, noise):
-                    if decay:
-                        p.mul_(1 - lr * decay)
-                    p.add_(g, alpha=-lr)
-                    torch.randn(xi.shape, generator=self.generator, out=xi)
-                    p.add_(xi if self.layout == "batch" else xi.permute(1, 2, 0), alpha=noise_scale)
-                continue
-            if decay:                    # torch.optim.SGD: g + λp, then p − lr·g
-                grads = torch._foreach_add(grads, state, alpha=decay)
-            torch._foreach_add_(state, grads, alpha=-lr)
+            kernel(optimizer, state, self._gradients(state, self._weights()), draws, work.view)
 
     # -- CUDA graphs --------------------------------------------------------------------
     def _graphs_apply(self) -> bool:
@@ -282,70 +210,3 @@ class StepDynamics(Dynamics):
         return steps - steps % K
 
 
-class _Workspace:
-    """The buffers of the closed-form step, allocated once per shape, and the layout's matmul.
-
-    batch:  tensors (B, d_out, d_in); mm = bmm into the buffer.
-    planes: tensors (d_out, d_in, B), replica axis last and contiguous; C = A B as
-            C = Σ_k A[:, k] ⊗ B[k, :], elementwise over B (d ops, each vectorised over d²B)."""
-
-    def __init__(self, factors: list[Tensor], layout: str):
-        f0 = factors[0]
-        self.key = _key(factors)
-        B, shapes = f0.shape[0], [tuple(f.shape[1:]) for f in factors]
-        d0 = shapes[0][1]
-        like = dict(dtype=f0.dtype, device=f0.device)
-        if layout == "batch":
-            new = lambda r, c: torch.empty(B, r, c, **like)  # noqa: E731
-            self.mm, self.T, self.planes = _bmm, _batch_T, None
-        else:
-            new = lambda r, c: torch.empty(r, c, B, **like)  # noqa: E731
-            self.mm, self.T = _planes_mm, _planes_T
-            self.planes = [new(*s) for s in shapes]
-        # prefix[p] = W_{p+1} ⋯ W_1 (index 0 unused: it is W_1 itself), back[p] = (W_N ⋯ W_{p+2})^T ∇E
-        self.prefix = [None] + [new(s[0], d0) for s in shapes[1:]]
-        self.back = [new(s[1], d0) for s in shapes[1:]]
-        self.grads = [None] + [new(*s) for s in shapes[1:]]
-        self.shapes, self.like, self._noise = [(B, *s) for s in shapes], like, None
-        self.versions: list[tuple[int, int]] = []
-
-    @property
-    def noise(self) -> list[Tensor]:
-        """Langevin's noise buffers, (B, d_out, d_in) as the optimizer draws them (allocated on first use)."""
-        if self._noise is None:
-            self._noise = [torch.empty(s, **self.like) for s in self.shapes]
-        return self._noise
-
-    def stale(self, factors: list[Tensor]) -> bool:
-        return self.key != _key(factors)
-
-
-def _key(factors: list[Tensor]) -> list[tuple]:
-    # the storage too: a captured CUDA graph (batch layout) holds the parameters' addresses
-    return [(f.shape, f.dtype, f.device, f.data_ptr()) for f in factors]
-
-
-def _bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    return torch.bmm(a, b, out=out)
-
-
-def _batch_T(x: Tensor) -> Tensor:
-    return x.mT
-
-
-def _planes_mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    torch.mul(a[:, 0:1], b[0:1], out=out)
-    for k in range(1, a.shape[1]):
-        out.addcmul_(a[:, k:k + 1], b[k:k + 1])
-    return out
-
-
-def _planes_T(x: Tensor) -> Tensor:
-    return x.transpose(0, 1)
-
-
-def build_dynamics(cfg: Any, net: DeepLinearNetwork, task: Task, seed: int) -> Dynamics:
-    if cfg.optim.name in ("flow", "downstairs"):
-        from .flows import build_flow_dynamics   # torchdiffeq is imported only when used
-        return build_flow_dynamics(cfg, net, task)
-    return StepDynamics(cfg, net, task, seed)
