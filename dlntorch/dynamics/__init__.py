@@ -3,6 +3,7 @@
 base.py     the interface the loop drives (`Dynamics`)
 step.py     step-based dynamics: a registered update rule per step, the closed-form fast path
 layouts.py  the fast path's layouts (batch, replica-last planes) and their buffers
+graphs.py   CUDA-graph replay of the fast path
 flows.py    the exact flows (optim=flow | downstairs), registered as optimisers
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from ..network import DeepLinearNetwork, chain, factor_gradients
 from ..optim import OPTIMISERS, build_optimizer, fast_kernel
 from ..tasks import Task
 from .base import Dynamics
+from .graphs import CapturedSteps
 from .layouts import Workspace
 
 
@@ -72,7 +73,7 @@ class StepDynamics(Dynamics):
         self.cuda_graphs = cfg.run.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.graph_steps = graph_steps
         self._work: Workspace | None = None
-        self._graph: Any = None
+        self._graph: CapturedSteps | None = None
 
     # -- the loop's interface ---------------------------------------------------------
     def advance(self, steps: int) -> None:
@@ -182,31 +183,9 @@ class StepDynamics(Dynamics):
             return 0
         group = self.optimizer.param_groups[0]
         key = (group["lr"], group["weight_decay"], K)
-        if self._graph is None or self._graph[0] != key:
-            self._graph = None
-            snapshot = [s.clone() for s in state]
-            try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):        # warm-up: allocator, library handles
-                    self._fused_steps(state, K)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):          # records; runs nothing
-                    self._fused_steps(state, K)
-                self._graph = (key, graph)
-            except Exception as error:  # noqa: BLE001 — any capture failure: the eager path
-                import warnings
-                warnings.warn(f"CUDA graph capture failed ({error}); running eagerly", RuntimeWarning)
-                self.cuda_graphs = False
-            finally:
-                for s, saved in zip(state, snapshot):  # undo the warm-up
-                    s.copy_(saved)
+        if self._graph is None or self._graph.key != key:
+            self._graph = CapturedSteps.capture(key, state, lambda k: self._fused_steps(state, k), K)
             if self._graph is None:
+                self.cuda_graphs = False
                 return 0
-        graph = self._graph[1]
-        for _ in range(steps // K):
-            graph.replay()
-        return steps - steps % K
-
-
+        return self._graph.replay(steps)
