@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import fail, resolve_depth
+from .geometry import fibre_move
 from .registry import Registry
 
 NOISES = Registry("optim.noise")
@@ -21,7 +22,8 @@ NOISES = Registry("optim.noise")
 View = Callable[[Tensor], Tensor]
 
 
-def _same(x: Tensor) -> Tensor:
+def same(x: Tensor) -> Tensor:
+    """The view of the factors' own layout."""
     return x
 
 
@@ -31,7 +33,7 @@ class NoiseTerm:
     any_layout = True
 
     def add_(self, factors: Sequence[Tensor], scale: float, generator: torch.Generator | None,
-             draws: Sequence[Tensor] | None = None, view: View = _same) -> None:
+             draws: Sequence[Tensor] | None = None, view: View = same) -> None:
         raise NotImplementedError
 
 
@@ -40,7 +42,7 @@ class Isotropic(NoiseTerm):
     """ξ ~ N(0, I) in every entry of every factor: the Euler–Maruyama step of
     dW = −∇L dt + sqrt(2/β) dB, whose stationary law is ∝ e^{−βL} (up to O(lr))."""
 
-    def add_(self, factors, scale, generator, draws=None, view=_same):
+    def add_(self, factors, scale, generator, draws=None, view=same):
         for i, p in enumerate(factors):
             if draws is None:
                 xi = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
@@ -64,8 +66,7 @@ class Fibre(NoiseTerm):
 
     any_layout = False
 
-    def add_(self, factors, scale, generator, draws=None, view=_same):
-        from .geometry import fibre_move
+    def add_(self, factors, scale, generator, draws=None, view=same):
         generators = [scale * torch.randn(f.shape[:-2] + (f.shape[-2], f.shape[-2]), generator=generator,
                                           dtype=f.dtype, device=f.device) for f in factors[:-1]]
         for p, moved in zip(factors, fibre_move([f.detach() for f in factors], generators)):

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .errors import at_least, fail, non_negative_finite, positive_finite
-from .noise import NOISES, NoiseTerm, View
+from .noise import NOISES, NoiseTerm, View, same
 from .registry import Registry
 
 # name → Option(build = (cfg.optim, params, generator) -> Optimizer, check, schema, extra):
@@ -49,10 +49,7 @@ def langevin_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: floa
         if weight_decay:   # W − lr(g + λW) = (1 − lr λ) W − lr g
             p.mul_(1 - lr * weight_decay)
         p.add_(g, alpha=-lr)
-    if view is None:
-        noise.add_(params, math.sqrt(2 * lr / beta), generator, draws)
-    else:
-        noise.add_(params, math.sqrt(2 * lr / beta), generator, draws, view)
+    noise.add_(params, math.sqrt(2 * lr / beta), generator, draws, same if view is None else view)
 
 
 # ------------------------------------------------------------------------------ Langevin

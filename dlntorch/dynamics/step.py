@@ -48,6 +48,7 @@ class StepDynamics(Dynamics):
 
     PLANES_MAX_WIDTH = 6        # planes: every width ≤ this …
     PLANES_MIN_REPLICAS = 512   # … and at least this many replicas (crossovers measured on a CPU)
+
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task, seed: int,
                  layout: str | None = None, cuda_graphs: bool | None = None, graph_steps: int = 16):
         super().__init__(cfg.optim.lr)
@@ -67,8 +68,8 @@ class StepDynamics(Dynamics):
             small = max(net.widths) <= self.PLANES_MAX_WIDTH and net.replicas >= self.PLANES_MIN_REPLICAS
             layout = "planes" if self.fused and small else "batch"
         if layout not in ("batch", "planes") or (layout == "planes" and not self.fused):
-            raise ValueError(f"layout={layout!r} is not allowed here: 'batch', or 'planes' with optim gd|sgd|langevin "
-                             "and closed-form gradients.")
+            raise ValueError(f"layout={layout!r} is not allowed here: 'batch', or 'planes' with an update rule that "
+                             "has a kernel (gd, sgd, langevin with isotropic noise) and closed-form gradients.")
         self.layout = layout
         self.cuda_graphs = cfg.run.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.graph_steps = graph_steps
