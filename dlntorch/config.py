@@ -127,6 +127,9 @@ def as_config(cfg: Any) -> DictConfig:
     optimiser's own schema (typos and keys of other optimisers fail here)."""
     given = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg) if isinstance(cfg, Config) \
         else OmegaConf.create(cfg)
+    # as plain values: a node typed by another optimiser's schema (`optim.name=langevin` on the
+    # gd yaml) then merges by its keys, and a key the chosen schema lacks is refused by name
+    given = OmegaConf.create(OmegaConf.to_container(given, resolve=False))
     name = OmegaConf.select(given, "optim.name", default=None)
     schema = OmegaConf.structured(Config)
     schema.optim = OmegaConf.structured(optim_schema("gd" if name is None else name))
