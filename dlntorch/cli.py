@@ -11,12 +11,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .config import ConfigError
+from .config import ConfigError, register
 from .report import table
 from .rundir import record_failure   # what a failed job leaves in its run dir
 
 log = logging.getLogger(__name__)
-
+register()   # the schemas, each optimiser's own among them, before Hydra composes
 
 
 # ------------------------------------------------------------------------ where the job runs
@@ -75,7 +75,7 @@ def _one_line(error: BaseException) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from .train import run   # torch is imported here, after Hydra has parsed the command line
+    from .train import run
 
     if cfg.threads is None:
         cfg.threads = launcher_threads()

@@ -1,8 +1,16 @@
-"""The configuration schema: structured dataclasses registered in Hydra's ConfigStore.
+"""The configuration schema: structured dataclasses registered in Hydra's ConfigStore, derived
+from the options' registries.
 
 Hydra checks key names and types against these classes (a typo or a wrong type fails at
-start-up with Hydra's own message). `validate` checks the values, before any compute, and
-raises `ConfigError` with one sentence naming the key, the value and what is allowed.
+start-up with Hydra's own message). Each optimiser has a schema of its own (registered with it,
+stored as `optim/<name>_schema`, the first default of its yaml), so a key that does not belong
+to it (`optim=gd optim.beta=5`) is refused. `validate` checks the values, before any compute,
+and raises `ConfigError` with one sentence naming the key, the value and what is allowed: the
+checks common to every run here, each option's own check (registered next to it) through its
+registry.
+
+This module imports the option modules (and so torch) only inside `register`, `as_config` and
+`validate`: the run dir's names and the helpers below stay light for collect and analysis.
 """
 from __future__ import annotations
 
@@ -13,18 +21,14 @@ from typing import Any, Optional
 
 import numpy as np
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-TASKS = ("seed2x2", "completion", "sensing", "regression")
-INITS = ("gaussian", "balanced", "orthogonal", "identity", "unbalanced", "file")
-OPTIMS = ("gd", "sgd", "momentum", "adam", "langevin", "flow", "downstairs")
+from .errors import (ConfigError, at_least, fail, non_negative_finite, one_of, parse_depth,  # noqa: F401
+                     positive_finite, resolve_depth)
+
 LOSSES = ("half_sum", "mean", "half_mean")
 DTYPES = ("float64", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A configuration value outside what is allowed; the message is one sentence."""
 
 
 @dataclass
@@ -59,25 +63,6 @@ class InitConfig:
 
 
 @dataclass
-class OptimConfig:
-    name: str = "gd"
-    lr: float = 0.05
-    weight_decay: float = 0.0
-    beta: float = 1e4                   # langevin: inverse temperature
-    noise: str = "isotropic"            # langevin: isotropic (every entry) | fibre (along the fibres only)
-    momentum: float = 0.9               # momentum
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
-    batch_size: int = 1                 # sgd: observed entries / measurements / samples per step
-    # exact flows (optim=flow | downstairs)
-    method: str = "dopri5"              # dopri5 (adaptive) | rk4 (fixed step = lr)
-    rtol: float = 1e-10
-    atol: float = 1e-12
-    depth: Optional[str] = None         # downstairs: N as an int or "inf"; None = model depth
-    time_scale: str = "auto"            # downstairs: raw (t) | per_depth (τ = N t) | auto (per_depth at N = inf)
-    compare_downstairs: bool = False    # flow: integrate the downstairs flow alongside
-
-
-@dataclass
 class RunConfig:
     steps: int = 20000
     time: Optional[float] = None        # stop at t = lr·step ≥ time
@@ -101,7 +86,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=InitConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: Any = MISSING                # the schema of the chosen optimiser (optim/<name>_schema)
     run: RunConfig = field(default_factory=RunConfig)
     replicas: int = 256
     seed: int = 0
@@ -113,84 +98,42 @@ class Config:
     tags: dict[str, Any] = field(default_factory=dict)
 
 
+def registries() -> dict[str, Any]:
+    """The registries of every kind of option, with every option module imported (so registered)."""
+    from . import dynamics  # noqa: F401 — the flows register as optimisers
+    from .init import INITS
+    from .noise import NOISES
+    from .optim import OPTIMISERS
+    from .tasks import TASKS
+    return {"task": TASKS, "init": INITS, "optim": OPTIMISERS, "noise": NOISES}
+
+
 def register() -> None:
-    """The top-level schema types the whole tree, so every group's yaml merges into it."""
-    ConfigStore.instance().store(name="schema", node=Config)
+    """The top-level schema types the whole tree, so every group's yaml merges into it; each
+    optimiser's schema is `optim/<name>_schema`, which its yaml names first in its defaults."""
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for name, option in registries()["optim"].options.items():
+        store.store(group="optim", name=f"{name}_schema", node=option.schema)
 
 
-register()
-
-
-# --------------------------------------------------------------------------- values
-
-def _show(value: Any) -> str:
-    """A value as the user typed it: 0 not 0.0, 'text' quoted, lists plain."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    if not isinstance(value, str) and hasattr(value, "__iter__"):   # lists, ListConfig
-        return str(list(value))
-    return repr(value)
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={_show(value)} is not allowed: {allowed}.")
-
-
-def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(key, value, "choose one of " + ", ".join(choices))
-
-
-def _positive_finite(key: str, value: Any) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        _fail(key, value, "it must be a finite number > 0")
-
-
-def _at_least(key: str, value: Any, low: int) -> None:
-    if not (isinstance(value, int) and value >= low):
-        _fail(key, value, f"it must be an integer ≥ {low}")
-
-
-def task_shape(task: Any) -> tuple[int, int]:
-    """(m, n) of the task's end-to-end matrix as the config states it (file tasks: from the file)."""
-    if task.name == "seed2x2":
-        return 2, 2
-    if task.shape is not None:
-        if len(task.shape) != 2 or any(int(s) < 1 for s in task.shape):
-            _fail("task.shape", list(task.shape), "it must be [m, n] with m, n ≥ 1")
-        return int(task.shape[0]), int(task.shape[1])
-    _at_least("task.size", task.size, 1)
-    return int(task.size), int(task.size)
-
-
-def resolve_depth(model: Any) -> int:
-    if model.widths is not None:
-        depth = len(model.widths) - 1
-        if model.depth is not None and model.depth != depth:
-            _fail("model.depth", model.depth,
-                  f"it must match model.widths={list(model.widths)} (depth {depth}) or be left unset")
-        return depth
-    return 3 if model.depth is None else int(model.depth)
-
-
-def parse_depth(value: Any) -> float:
-    """optim.depth: an integer ≥ 1 or 'inf'."""
-    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
-        return math.inf
-    try:
-        depth = int(value)
-    except (TypeError, ValueError):
-        depth = 0
-    if depth < 1 or str(value).strip() not in (str(depth), f"{depth}.0"):
-        _fail("optim.depth", value, "it must be an integer ≥ 1 or inf")
-    return depth
+def optim_schema(name: Any) -> type:
+    """The structured config of optimiser `name` (ConfigError naming optim.name if unknown)."""
+    return registries()["optim"][name].schema
 
 
 def as_config(cfg: Any) -> DictConfig:
-    """Any of Config, dict or DictConfig → a DictConfig typed by the schema (typos fail here)."""
+    """Any of Config, dict or DictConfig → a DictConfig typed by the schema and by the chosen
+    optimiser's own schema (typos and keys of other optimisers fail here)."""
+    given = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg) if isinstance(cfg, Config) \
+        else OmegaConf.create(cfg)
+    # as plain values: a node typed by another optimiser's schema (`optim.name=langevin` on the
+    # gd yaml) then merges by its keys, and a key the chosen schema lacks is refused by name
+    given = OmegaConf.create(OmegaConf.to_container(given, resolve=False))
+    name = OmegaConf.select(given, "optim.name", default=None)
     schema = OmegaConf.structured(Config)
-    return OmegaConf.merge(schema, cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-                           if not isinstance(cfg, Config) else OmegaConf.structured(cfg))
+    schema.optim = OmegaConf.structured(optim_schema("gd" if name is None else name))
+    return OmegaConf.merge(schema, given)
 
 
 def derive_seeds(cfg: DictConfig) -> dict[str, int]:
@@ -236,111 +179,67 @@ def run_dir(cfg: Any) -> Path | None:
 
 def validate(cfg: Any) -> None:
     """Every value check that can be made before compute. Raises ConfigError."""
-    _at_least("replicas", cfg.replicas, 1)
-    _one_of("dtype", cfg.dtype, DTYPES)
-    _one_of("device", cfg.device, DEVICES)
+    at_least("replicas", cfg.replicas, 1)
+    one_of("dtype", cfg.dtype, DTYPES)
+    one_of("device", cfg.device, DEVICES)
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
-        _fail("seed", cfg.seed, "it must be an integer ≥ 0")
+        fail("seed", cfg.seed, "it must be an integer ≥ 0")
     if cfg.threads is not None:
-        _at_least("threads", cfg.threads, 1)
+        at_least("threads", cfg.threads, 1)
+    kinds = registries()
+    from .tasks import task_shape
 
     task = cfg.task
-    _one_of("task.name", task.name, TASKS)
-    _one_of("task.loss", task.loss, LOSSES)
-    if task.noise < 0 or not math.isfinite(task.noise):
-        _fail("task.noise", task.noise, "it must be a finite number ≥ 0")
+    task_option = kinds["task"][task.name]
+    one_of("task.loss", task.loss, LOSSES)
+    non_negative_finite("task.noise", task.noise)
+    if task.file is not None and not task_option.extra.get("reads_files"):
+        readers = [name for name, option in kinds["task"].options.items() if option.extra.get("reads_files")]
+        fail("task.file", task.file, "a data file is read only by " + " or ".join(f"task={r}" for r in readers))
     if task.file is None:
-        m, n = task_shape(task)
-        if task.name in ("completion", "sensing", "regression") and task.spectrum is not None:
-            spectrum = list(task.spectrum)
-            if not spectrum or len(spectrum) > min(m, n) or any(not (math.isfinite(x) and x > 0) for x in spectrum):
-                _fail("task.spectrum", spectrum, f"it must list between 1 and min(m, n) = {min(m, n)} "
-                      "finite singular values > 0")
-        elif task.name in ("completion", "sensing", "regression"):
-            _at_least("task.rank", task.rank, 1)
-            if task.rank > min(m, n):
-                _fail("task.rank", task.rank, f"it must be at most min(m, n) = {min(m, n)} for a {m}x{n} matrix")
-        if task.name == "completion":
-            _at_least("task.observations", task.observations, 1)
-            if task.observations > m * n:
-                _fail("task.observations", task.observations,
-                      f"it must be between 1 and the {m * n} entries of a {m}x{n} matrix")
-        if task.name == "sensing":
-            _at_least("task.observations", task.observations, 1)
-        if task.name == "regression":
-            _at_least("task.samples", task.samples, 1)
-    elif task.name != "completion":
-        _fail("task.file", task.file, "a data file is read only by task=completion")
+        task_shape(task)
+    if task_option.check is not None:
+        task_option.check(cfg)
 
     model = cfg.model
     if model.depth is not None:
-        _at_least("model.depth", model.depth, 1)
+        at_least("model.depth", model.depth, 1)
     if model.widths is not None:
         widths = list(model.widths)
         if len(widths) < 2:
-            _fail("model.widths", widths, "it must list [d_0, …, d_N] with at least two widths")
+            fail("model.widths", widths, "it must list [d_0, …, d_N] with at least two widths")
         if any(not isinstance(w, int) or w <= 0 for w in widths):
-            _fail("model.widths", widths, "every width must be an integer ≥ 1")
+            fail("model.widths", widths, "every width must be an integer ≥ 1")
         if task.file is None:
             m, n = task_shape(task)
             if widths[0] != n or widths[-1] != m:
-                _fail("model.widths", widths,
-                      f"its ends must match the task's {m}x{n} matrix: d_0 = {n} and d_N = {m}")
+                fail("model.widths", widths,
+                     f"its ends must match the task's {m}x{n} matrix: d_0 = {n} and d_N = {m}")
     resolve_depth(model)
 
     init = cfg.init
-    _one_of("init.name", init.name, INITS)
-    _positive_finite("init.scale", init.scale)
-    _one_of("init.scale_of", init.scale_of, ("layer", "product"))
-    if init.name == "file" and init.file is None:
-        _fail("init.file", None, "init=file needs the path of a .pt or .npz holding the factors or the products")
-    if init.name == "unbalanced":
-        if not (math.isfinite(init.imbalance) and init.imbalance >= 0):
-            _fail("init.imbalance", init.imbalance, "it must be a finite number ≥ 0")
-        if resolve_depth(model) < 2 and init.imbalance > 0:
-            _fail("init.imbalance", init.imbalance, "depth 1 has no balancedness, so it must be 0")
+    init_option = kinds["init"][init.name]
+    positive_finite("init.scale", init.scale)
+    one_of("init.scale_of", init.scale_of, ("layer", "product"))
+    if init_option.check is not None:
+        init_option.check(cfg)
 
     optim = cfg.optim
-    _one_of("optim.name", optim.name, OPTIMS)
-    _positive_finite("optim.lr", optim.lr)
-    if not (math.isfinite(optim.weight_decay) and optim.weight_decay >= 0):
-        _fail("optim.weight_decay", optim.weight_decay, "it must be a finite number ≥ 0")
-    if optim.name == "langevin":
-        _positive_finite("optim.beta", optim.beta)
-        _one_of("optim.noise", optim.noise, ("isotropic", "fibre"))
-        if optim.noise == "fibre" and resolve_depth(model) < 2:
-            _fail("optim.noise", optim.noise, "depth 1 has no fibre to move along; use depth ≥ 2 or isotropic")
-    if optim.name == "momentum" and not (0 <= optim.momentum < 1):
-        _fail("optim.momentum", optim.momentum, "it must be in [0, 1)")
-    if optim.name == "adam" and not (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas)):
-        _fail("optim.betas", list(optim.betas), "it must be two numbers in [0, 1)")
-    if optim.name == "sgd":
-        _at_least("optim.batch_size", optim.batch_size, 1)
-    if optim.name in ("flow", "downstairs"):
-        _one_of("optim.method", optim.method, ("dopri5", "rk4"))
-        _positive_finite("optim.rtol", optim.rtol)
-        _positive_finite("optim.atol", optim.atol)
-        _one_of("optim.time_scale", optim.time_scale, ("auto", "raw", "per_depth"))
-        if optim.depth is not None and parse_depth(optim.depth) == math.inf and optim.time_scale == "raw":
-            _fail("optim.time_scale", optim.time_scale,
-                  "optim.depth=inf needs per_depth (rescaled time τ = N t; A_N grows like N)")
-        if optim.compare_downstairs and not (init.name == "balanced"
-                                             or (init.name == "unbalanced" and init.imbalance == 0)):
-            _fail("optim.compare_downstairs", True,
-                  f"it needs a balanced start (init=balanced), not init={init.name}, since only balanced "
-                  "products follow the downstairs flow")
+    optim_option = kinds["optim"][optim.name]
+    positive_finite("optim.lr", optim.lr)        # every dynamics runs on the grid t = lr·step
+    if optim_option.check is not None:
+        optim_option.check(cfg)
 
     run = cfg.run
-    _at_least("run.steps", run.steps, 1)
+    at_least("run.steps", run.steps, 1)
     if run.time is not None:
-        _positive_finite("run.time", run.time)
-    if not (math.isfinite(run.stop_energy) and run.stop_energy >= 0):
-        _fail("run.stop_energy", run.stop_energy, "it must be a finite number ≥ 0")
-    _at_least("run.log_points", run.log_points, 2)
-    _at_least("run.log_replicas", run.log_replicas, 0)
-    _at_least("run.stop_check_every", run.stop_check_every, 1)
-    _at_least("run.checkpoint_every", run.checkpoint_every, 0)
-    _one_of("run.gradient", run.gradient, ("auto", "closed_form", "autograd"))
-    _one_of("run.on_divergence", run.on_divergence, ("freeze", "error"))
-    _positive_finite("run.rank_tol", run.rank_tol)
-    _positive_finite("run.checkpoint_minutes", run.checkpoint_minutes)
+        positive_finite("run.time", run.time)
+    non_negative_finite("run.stop_energy", run.stop_energy)
+    at_least("run.log_points", run.log_points, 2)
+    at_least("run.log_replicas", run.log_replicas, 0)
+    at_least("run.stop_check_every", run.stop_check_every, 1)
+    at_least("run.checkpoint_every", run.checkpoint_every, 0)
+    one_of("run.gradient", run.gradient, ("auto", "closed_form", "autograd"))
+    one_of("run.on_divergence", run.on_divergence, ("freeze", "error"))
+    positive_finite("run.rank_tol", run.rank_tol)
+    positive_finite("run.checkpoint_minutes", run.checkpoint_minutes)

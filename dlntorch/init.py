@@ -11,12 +11,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from .arrays import load_arrays
+from .errors import ConfigError, fail, resolve_depth
 from .geometry import balanced_factors, fibre_move, haar_semi_orthogonal
-from .tasks import load_arrays
 from .network import balancedness_of
+from .registry import Registry
 
 Factors = list[Tensor]
+
+# name → Option(build = (cfg.init, widths, replicas, generator) -> factors, check = check(cfg))
+INITS = Registry("init.name")
 
 
 def _layer_scale(scale: float, scale_of: str, depth: int) -> float:
@@ -140,17 +144,40 @@ def _replicated(array: Tensor, shape: tuple[int, int], B: int, path: str) -> Ten
     return array
 
 
-INITIALISERS: dict[str, Callable[..., Factors]] = {
-    "gaussian": gaussian, "balanced": balanced, "orthogonal": orthogonal,
-    "identity": identity, "unbalanced": unbalanced,
-}   # and "file": from_file
+# -- registered: each adapts cfg.init to its initialiser -----------------------------------
+
+def _scaled(initialiser: Callable[..., Factors]) -> Callable[..., Factors]:
+    return lambda cfg, widths, B, gen: initialiser(widths, B, cfg.scale, cfg.scale_of, gen)
+
+
+for _name, _initialiser in (("gaussian", gaussian), ("balanced", balanced), ("orthogonal", orthogonal),
+                            ("identity", identity)):
+    INITS.register(_name)(_scaled(_initialiser))
+
+
+def _check_unbalanced(cfg: Any) -> None:
+    imbalance = cfg.init.imbalance
+    if not (math.isfinite(imbalance) and imbalance >= 0):
+        fail("init.imbalance", imbalance, "it must be a finite number ≥ 0")
+    if resolve_depth(cfg.model) < 2 and imbalance > 0:
+        fail("init.imbalance", imbalance, "depth 1 has no balancedness, so it must be 0")
+
+
+@INITS.register("unbalanced", check=_check_unbalanced)
+def _unbalanced(cfg: Any, widths: list[int], B: int, gen: torch.Generator) -> Factors:
+    return unbalanced(widths, B, cfg.scale, cfg.scale_of, gen, imbalance=cfg.imbalance)
+
+
+def _check_file(cfg: Any) -> None:
+    if cfg.init.file is None:
+        fail("init.file", None, "init=file needs the path of a .pt or .npz holding the factors or the products")
+
+
+@INITS.register("file", check=_check_file)
+def _file(cfg: Any, widths: list[int], B: int, gen: torch.Generator) -> Factors:
+    return from_file(cfg.file, widths, B, gen)
 
 
 def initial_factors(cfg: Any, widths: list[int], replicas: int, seed: int) -> Factors:
     """The factors [W_1, …, W_N] of `cfg.init` for all replicas, float64 on the CPU."""
-    gen = torch.Generator().manual_seed(seed)
-    if cfg.name == "file":
-        return from_file(cfg.file, list(widths), replicas, gen)
-    make = INITIALISERS[cfg.name]
-    extra = {"imbalance": cfg.imbalance} if cfg.name == "unbalanced" else {}
-    return make(list(widths), replicas, cfg.scale, cfg.scale_of, gen, **extra)
+    return INITS[cfg.name].build(cfg, list(widths), replicas, torch.Generator().manual_seed(seed))

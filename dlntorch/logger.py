@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import compat
+
 AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
 
 
@@ -149,18 +151,13 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _fast_event_checksums() -> None:
-    from tensorboard.summary.writer import record_writer
-    record_writer.masked_crc32c = masked_crc32c
-
-
 class TensorBoardLog:
     """TensorBoard events under `tb/`. Resuming purges events past the checkpoint's step."""
 
     def __init__(self, log_dir: Path, replicas_shown: int, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter   # imports tensorboard: do it lazily
 
-        _fast_event_checksums()
+        compat.install_event_checksums(masked_crc32c)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.replicas_shown = replicas_shown
 
@@ -176,13 +173,18 @@ class TensorBoardLog:
         K, n, B = values.shape
         stats = {a: v.reshape(K, n) for a, v in aggregate_rows(np.where(dead, np.nan, values).reshape(K * n, B)).items()}
         shown = min(self.replicas_shown, B)
+        records = compat.file_writer(self.writer)    # add_scalar's own writer, where it can be reached
         for k, row in enumerate(rows):
             tags = {"time/t": float(row["t"]), "diverged/count": float(dead[k].sum())}
             for i, name in enumerate(names):
                 tags.update({f"{name}/{agg}": stats[agg][k, i] for agg in AGGREGATES})
                 tags.update({f"{name}/replica_{r}": values[k, i, r] for r in range(shown)})
+            if records is None:
+                for tag, v in tags.items():
+                    self.writer.add_scalar(tag, float(v), int(row["step"]))
+                continue
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in tags.items()])
-            self.writer._get_file_writer().add_summary(summary, int(row["step"]))   # add_scalar's writer
+            records.add_summary(summary, int(row["step"]))
 
     def histograms(self, step: int, row: Mapping[str, np.ndarray], diverged: np.ndarray) -> None:
         for name, values in row.items():

@@ -5,7 +5,7 @@ Factor p (p = 1..N) is one nn.Parameter of shape (B, d_p, d_{p-1}); the product 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,24 +27,41 @@ def balancedness_of(factors: Sequence[Tensor]) -> list[Tensor]:
     ]
 
 
-def factor_gradients(factors: Sequence[Tensor], grad_product: Tensor) -> list[Tensor]:
-    """∂L/∂W_p = (W_N ⋯ W_{p+1})^T ∇E(W) (W_{p−1} ⋯ W_1)^T for L = E ∘ φ.
+def _matmul(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    return a @ b if out is None else torch.matmul(a, b, out=out)
 
-    The chain rule by prefix products (inputs side) and suffix products (outputs side):
-    2N batched matmuls in all instead of autograd's graph, the fast path for closed-form ∇E.
+
+def _transpose(x: Tensor) -> Tensor:
+    return x.mT
+
+
+def factor_gradients(factors: Sequence[Tensor], gradient: Tensor | Callable[[Tensor], Tensor],
+                     mm: Callable = _matmul, T: Callable[[Tensor], Tensor] = _transpose,
+                     out: Any = None) -> list[Tensor]:
+    """∂L/∂W_p = (W_N ⋯ W_{p+1})^T ∇E(W) (W_{p−1} ⋯ W_1)^T for L = E ∘ φ: the chain rule.
+
+    Prefix products W_p ⋯ W_1 from the input side, then from the output side down
+    back_{p−1} = W_p^T back_p and grad_p = back_p (W_{p−1} ⋯ W_1)^T: 2N − 2 matmuls besides the
+    product, instead of autograd's graph. `gradient` is ∇E(W) itself, or a function W ↦ ∇E(W),
+    which then gets the last prefix product (so the product is computed once, here).
+
+    Layout-agnostic: `mm(a, b, out)` and `T(x)` are the layout's matmul and transpose (batched
+    `@` and `.mT` by default); `out` holds preallocated buffers `prefix[p]` (W_{p+1} ⋯ W_1),
+    `back[p]` and `grads[p]` (p ≥ 1), as the fast path's workspace does, or is None.
     """
     depth = len(factors)
-    # prefix[p] = W_p ⋯ W_1 (prefix[0] = None stands for the identity)
-    prefix: list[Tensor | None] = [None]
-    for factor in factors[:-1]:
-        prefix.append(factor if prefix[-1] is None else factor @ prefix[-1])
-    grads: list[Tensor] = [None] * depth  # type: ignore[list-item]
+    full = callable(gradient)
+    # prefix[p] = W_{p+1} ⋯ W_1; the product itself only when ∇E is to be evaluated here
+    prefix = [factors[0]]
+    for p in range(1, depth if full else depth - 1):
+        prefix.append(mm(factors[p], prefix[-1], None if out is None else out.prefix[p]))
+    back = gradient(prefix[-1]) if full else gradient
+    grads: list[Tensor] = [None] * depth if out is None else out.grads  # type: ignore[list-item]
     # back = (W_N ⋯ W_{p+1})^T ∇E, built from the output side down
-    back = grad_product
-    for p in range(depth - 1, -1, -1):
-        grads[p] = back if prefix[p] is None else back @ prefix[p].mT
-        if p > 0:
-            back = factors[p].mT @ back
+    for p in range(depth - 1, 0, -1):
+        grads[p] = mm(back, T(prefix[p - 1]), None if out is None else out.grads[p])
+        back = mm(T(factors[p]), back, None if out is None else out.back[p - 1])
+    grads[0] = back
     return grads
 
 

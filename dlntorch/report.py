@@ -77,7 +77,8 @@ def hparams(config: dict[str, Any], overrides: list[str] | None = None) -> dict[
     the swept ones would be lost (TensorBoard shows the first few columns only)."""
     flat = leaves(config)
     swept = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
-    beta = ("optim.beta",) if flat.get("optim.name") == "langevin" else ()
+    # the inverse temperature, where the optimiser has one (only its own schema holds the key)
+    beta = ("optim.beta",) if "optim.beta" in flat else ()
     chosen = {k: flat[k] for k in dict.fromkeys((*HPARAMS, *beta, *swept)) if k in flat}
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in chosen.items()}
 

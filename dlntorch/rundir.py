@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .config import CHECKPOINT, EVENTS, SUMMARY, TRAJECTORY, ConfigError, derive_seeds, leaves, run_dir
+from .config import CHECKPOINT, EVENTS, SUMMARY, TRAJECTORY, derive_seeds, leaves, run_dir
+from .errors import ConfigError
 from .logger import Trajectory, atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)

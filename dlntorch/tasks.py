@@ -7,15 +7,19 @@ has a closed-form gradient (the fast path and the downstairs flow use it) beside
 """
 from __future__ import annotations
 
-from pathlib import Path
+import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError, task_shape
+from .arrays import load_completion_file
+from .errors import at_least, fail
 from .geometry import haar_semi_orthogonal
+from .registry import Registry
+
+# name → Option(build = (cfg.task, generator) -> Task, check = check(cfg)); see build_task
+TASKS = Registry("task.name")
 
 LOSS_COEFFICIENTS = {"half_sum": lambda M: 0.5, "mean": lambda M: 1.0 / M, "half_mean": lambda M: 0.5 / M}
 
@@ -235,62 +239,98 @@ def uniform_mask(m: int, n: int, count: int, generator: torch.Generator) -> Tens
     return mask.view(m, n)
 
 
-def load_arrays(path: str, key: str) -> dict[str, Tensor]:
-    """The named arrays of a .npz or .pt file (a dict of tensors); `key` names the config key in
-    the one sentence a missing or unreadable file gets."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{key}={path!r} is not allowed: no such file.")
-    try:
-        if file.suffix == ".npz":
-            with np.load(file) as data:
-                return {k: torch.as_tensor(data[k]) for k in data.files}
-        arrays = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(arrays, dict):
-            raise TypeError("not a dict of tensors")
-        return {k: torch.as_tensor(v) for k, v in arrays.items()}
-    except Exception as error:  # noqa: BLE001 — any unreadable file gets the same sentence
-        raise ConfigError(f"{key}={path!r} is not allowed: it could not be read as .npz or .pt ({error}).") from error
+def task_shape(task: Any) -> tuple[int, int]:
+    """(m, n) of the task's end-to-end matrix as the config states it (file tasks: from the file)."""
+    if task.name == "seed2x2":
+        return 2, 2
+    if task.shape is not None:
+        if len(task.shape) != 2 or any(int(s) < 1 for s in task.shape):
+            fail("task.shape", list(task.shape), "it must be [m, n] with m, n ≥ 1")
+        return int(task.shape[0]), int(task.shape[1])
+    at_least("task.size", task.size, 1)
+    return int(task.size), int(task.size)
 
 
-def load_completion_file(path: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    """`mask` and `values` (and optionally `truth`) from a .npz or .pt file."""
-    arrays = load_arrays(path, "task.file")
-    if "mask" not in arrays or "values" not in arrays:
-        raise ConfigError(f"task.file={path!r} is not allowed: it must hold arrays named 'mask' and 'values' "
-                          f"(found {sorted(arrays)}).")
-    mask, values, truth = arrays["mask"], arrays["values"], arrays.get("truth")
-    if mask.ndim != 2 or mask.shape != values.shape or (truth is not None and truth.shape != mask.shape):
-        shapes = f"mask {tuple(mask.shape)}, values {tuple(values.shape)}" + (
-            "" if truth is None else f", truth {tuple(truth.shape)}")
-        raise ConfigError(f"task.file={path!r} is not allowed: mask and values must be matrices of one shape ({shapes}).")
-    if not mask.to(torch.bool).any():
-        raise ConfigError(f"task.file={path!r} is not allowed: its mask observes no entry.")
-    to64 = lambda a: None if a is None else a.to(torch.float64)  # noqa: E731
-    return mask.to(torch.bool), to64(values), to64(truth)
+def _truth(cfg: Any, generator: torch.Generator) -> Tensor:
+    """The ground truth W*: rank cfg.rank (low_rank_truth) or singular values cfg.spectrum."""
+    m, n = task_shape(cfg)
+    return low_rank_truth(m, n, cfg.rank, generator) if cfg.spectrum is None else \
+        truth_with_spectrum(m, n, cfg.spectrum, generator)
+
+
+def _noise(cfg: Any, generator: torch.Generator, *shape: int) -> Tensor:
+    return cfg.noise * torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def _check_truth(cfg: Any) -> None:
+    """rank or spectrum of a drawn ground truth fits its m×n matrix."""
+    task = cfg.task
+    m, n = task_shape(task)
+    if task.spectrum is not None:
+        spectrum = list(task.spectrum)
+        if not spectrum or len(spectrum) > min(m, n) or any(not (math.isfinite(x) and x > 0) for x in spectrum):
+            fail("task.spectrum", spectrum, f"it must list between 1 and min(m, n) = {min(m, n)} "
+                 "finite singular values > 0")
+    else:
+        at_least("task.rank", task.rank, 1)
+        if task.rank > min(m, n):
+            fail("task.rank", task.rank, f"it must be at most min(m, n) = {min(m, n)} for a {m}x{n} matrix")
+
+
+def _check_completion(cfg: Any) -> None:
+    task = cfg.task
+    if task.file is not None:
+        return
+    _check_truth(cfg)
+    m, n = task_shape(task)
+    at_least("task.observations", task.observations, 1)
+    if task.observations > m * n:
+        fail("task.observations", task.observations, f"it must be between 1 and the {m * n} entries of a {m}x{n} matrix")
+
+
+def _check_sensing(cfg: Any) -> None:
+    _check_truth(cfg)
+    at_least("task.observations", cfg.task.observations, 1)
+
+
+def _check_regression(cfg: Any) -> None:
+    _check_truth(cfg)
+    at_least("task.samples", cfg.task.samples, 1)
+
+
+@TASKS.register("seed2x2")
+def _seed2x2(cfg: Any, generator: torch.Generator) -> Task:
+    return Seed2x2(cfg.loss)
+
+
+@TASKS.register("completion", check=_check_completion, reads_files=True)
+def _completion(cfg: Any, generator: torch.Generator) -> Task:
+    if cfg.file is not None:
+        mask, values, truth = load_completion_file(cfg.file)
+        return Completion(mask, values, cfg.loss, truth)
+    m, n = task_shape(cfg)
+    truth = _truth(cfg, generator)
+    mask = uniform_mask(m, n, cfg.observations, generator)
+    return Completion(mask, truth + _noise(cfg, generator, m, n), cfg.loss, truth)
+
+
+@TASKS.register("sensing", check=_check_sensing)
+def _sensing(cfg: Any, generator: torch.Generator) -> Task:
+    m, n = task_shape(cfg)
+    truth = _truth(cfg, generator)
+    sensors = torch.randn(cfg.observations, m, n, generator=generator, dtype=torch.float64)
+    measurements = torch.einsum("kij,ij->k", sensors, truth) + _noise(cfg, generator, cfg.observations)
+    return Sensing(sensors, measurements, cfg.loss, truth)
+
+
+@TASKS.register("regression", check=_check_regression)
+def _regression(cfg: Any, generator: torch.Generator) -> Task:
+    m, n = task_shape(cfg)
+    truth = _truth(cfg, generator)
+    inputs = torch.randn(n, cfg.samples, generator=generator, dtype=torch.float64)
+    return Regression(inputs, truth @ inputs + _noise(cfg, generator, m, cfg.samples), cfg.loss, truth)
 
 
 def build_task(cfg: Any, seed: int) -> Task:
     """The task of `cfg.task`, its data drawn with `seed` (CPU generator: same data on any device)."""
-    generator = torch.Generator().manual_seed(seed)
-    loss = cfg.loss
-    if cfg.name == "seed2x2":
-        return Seed2x2(loss)
-    if cfg.name == "completion" and cfg.file is not None:
-        mask, values, truth = load_completion_file(cfg.file)
-        return Completion(mask, values, loss, truth)
-    m, n = task_shape(cfg)
-    truth = low_rank_truth(m, n, cfg.rank, generator) if cfg.spectrum is None else \
-        truth_with_spectrum(m, n, cfg.spectrum, generator)
-    noise = lambda *shape: cfg.noise * torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
-    if cfg.name == "completion":
-        mask = uniform_mask(m, n, cfg.observations, generator)
-        return Completion(mask, truth + noise(m, n), loss, truth)
-    if cfg.name == "sensing":
-        sensors = torch.randn(cfg.observations, m, n, generator=generator, dtype=torch.float64)
-        measurements = torch.einsum("kij,ij->k", sensors, truth) + noise(cfg.observations)
-        return Sensing(sensors, measurements, loss, truth)
-    if cfg.name == "regression":
-        inputs = torch.randn(n, cfg.samples, generator=generator, dtype=torch.float64)
-        return Regression(inputs, truth @ inputs + noise(m, cfg.samples), loss, truth)
-    raise ConfigError(f"task.name={cfg.name!r} is not allowed: unknown task.")
+    return TASKS[cfg.name].build(cfg, torch.Generator().manual_seed(seed))

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from .config import ConfigError, as_config, derive_seeds, resolve_depth, total_steps, validate
+from .errors import ConfigError
+from .config import as_config, derive_seeds, resolve_depth, total_steps, validate
 from .dynamics import Dynamics, build_dynamics
 from .hooks import Hooks
 from .init import initial_factors
@@ -76,9 +77,8 @@ class Lab:
         self.dynamics: Dynamics = build_dynamics(cfg, self.net, self.task, self.seeds["dynamics"])
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()])
-        self.beta = cfg.optim.beta if cfg.optim.name == "langevin" else None
         self.hooks = hooks or Hooks()
-        self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run.rank_tol, self.beta, self.hooks)
+        self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run.rank_tol, self.dynamics.beta, self.hooks)
 
     def wall(self) -> float:
         return time.monotonic() - self.started

@@ -42,7 +42,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dlntorch.flows import integrate_downstairs  # noqa: E402
+from dlntorch.dynamics.flows import integrate_downstairs  # noqa: E402
 from dlntorch.geometry import f_inf, f_N  # noqa: E402
 from dlntorch.metrics import effective_rank  # noqa: E402
 from dlntorch.tasks import Seed2x2  # noqa: E402

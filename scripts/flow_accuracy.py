@@ -13,7 +13,7 @@ leaving the saddle) with
 and compare each final product W(T) with a tight-tolerance reference (dopri5, rtol 1e-13).
 The error is the WORST replica's Frobenius error max_b ‖W_b(T) − W_b^ref(T)‖_F; the cost is the
 number of ∇E evaluations (GD: one per step; RK4: four per step; dopri5: every stage, the initial
-step selection and rejected steps included), as `dlntorch.flows` counts them.
+step selection and rejected steps included), as `dlntorch.dynamics.flows` counts them.
 
 Performance claims of issue 3, measured here:
   1. at equal accuracy (error ≤ 1e-6 at T) the adaptive flow needs ≥ 100x fewer gradient
@@ -45,9 +45,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dlntorch.flows import integrate_downstairs, integrate_upstairs  # noqa: E402
+from dlntorch.dynamics.flows import integrate_downstairs, integrate_upstairs  # noqa: E402
 from dlntorch.init import balanced  # noqa: E402
 from dlntorch.network import chain, factor_gradients  # noqa: E402
+from dlntorch.optim import sgd_update_  # noqa: E402
 from dlntorch.tasks import Seed2x2  # noqa: E402
 
 WIDTHS = [2, 2, 2, 2]          # depth 3
@@ -85,11 +86,10 @@ def median_error(W: torch.Tensor, reference: torch.Tensor) -> float:
 
 @torch.no_grad()
 def gradient_descent(factors, grad_fn, lr: float, steps: int) -> list[torch.Tensor]:
-    """W_p ← W_p − lr ∂L/∂W_p, the closed-form update of the run loop's optim=gd (one ∇E per step)."""
+    """W_p ← W_p − lr ∂L/∂W_p: the run loop's optim=gd, its chain rule and its kernel (one ∇E per step)."""
     factors = [f.clone() for f in factors]
     for _ in range(steps):
-        for f, g in zip(factors, factor_gradients(factors, grad_fn(chain(factors)))):
-            f.sub_(lr * g)
+        sgd_update_(factors, factor_gradients(factors, grad_fn), lr, 0.0)
     return factors
 
 

@@ -154,3 +154,29 @@ def test_the_atlas_lists_every_preset():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name in presets:
         assert f"`{name}`" in readme
+
+
+def test_a_key_of_another_optimiser_is_refused_at_start_up(make_cfg):
+    """Each optimiser has its own schema: gd has no inverse temperature, so optim.beta is refused
+    by Hydra (naming the key), not silently ignored; from Python, OmegaConf refuses it the same way."""
+    with pytest.raises(ConfigCompositionException) as error:
+        make_cfg("optim=gd", "optim.beta=5")
+    assert "optim.beta" in str(error.value) + str(error.value.__cause__)
+    with pytest.raises(ConfigKeyError, match="Key 'beta' not in 'GdConfig'"):
+        run({"optim": {"name": "gd", "beta": 5}})
+    with pytest.raises(ConfigKeyError, match="Key 'batch_size' not in 'LangevinConfig'"):
+        run(make_cfg("optim=langevin", "+optim.batch_size=3"))
+
+
+def test_each_optimiser_yaml_is_typed_by_its_own_schema(make_cfg):
+    from omegaconf import OmegaConf
+    from dlntorch.config import as_config, registries
+    for name, option in registries()["optim"].options.items():
+        if option.schema is None or name.startswith("toy_"):
+            continue
+        cfg = make_cfg(f"optim={name}")
+        assert OmegaConf.get_type(cfg.optim) is option.schema, name
+        assert OmegaConf.get_type(as_config(cfg).optim) is option.schema, name
+    # optim.name alone (on the gd yaml) picks the named optimiser's schema and its defaults
+    picked = as_config(make_cfg("optim.name=langevin"))
+    assert picked.optim.beta == 1e4 and picked.optim.noise == "isotropic"

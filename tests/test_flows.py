@@ -5,7 +5,7 @@ import mpmath
 import pytest
 import torch
 
-from dlntorch.flows import (
+from dlntorch.dynamics.flows import (
     downstairs_velocity,
     integrate_downstairs,
     integrate_upstairs,

@@ -13,17 +13,18 @@ gradient, e.g. mask ∘ (W − Y) for E = ½‖mask ∘ (W − Y)‖².
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
-from .config import parse_depth
-from .dynamics import Dynamics
-from .geometry import Depth, as_depth, is_infinite_depth, metric_operator
-from .network import DeepLinearNetwork, chain, factor_gradients
-from .tasks import Task
+from ..errors import fail, one_of, parse_depth, positive_finite
+from ..geometry import Depth, as_depth, is_infinite_depth, metric_operator
+from ..network import DeepLinearNetwork, chain, factor_gradients
+from ..optim import OPTIMISERS
+from ..tasks import Task
+from .base import Dynamics
 
 GradFn = Callable[[Tensor], Tensor]
 
@@ -33,8 +34,7 @@ FIXED_STEP = ("rk4", "euler", "midpoint", "heun3")
 
 def upstairs_velocity(factors: Sequence[Tensor], grad_fn: GradFn) -> list[Tensor]:
     """[−∂L/∂W_p]_p = [−(W_N ⋯ W_{p+1})^T ∇E(W) (W_{p−1} ⋯ W_1)^T]_p, one ∇E evaluation."""
-    grads = factor_gradients(factors, grad_fn(chain(factors)))
-    return [-g for g in grads]
+    return [-g for g in factor_gradients(factors, grad_fn)]
 
 
 def downstairs_velocity(W: Tensor, grad_fn: GradFn, N: Depth) -> Tensor:
@@ -75,6 +75,7 @@ def _solve(rhs: _Counted, state, times: Tensor, method: str, rtol: float, atol: 
     methods run interval by interval with uniform steps of at most step_size (one step per
     interval if None), so every requested time is a step end and never an interpolation.
     """
+    from torchdiffeq import odeint   # imported only when a flow runs
     if method in ADAPTIVE:
         return odeint(rhs, state, times, method=method, rtol=rtol, atol=atol,
                       options=dict(norm=_replica_norm, first_step=first_step))
@@ -330,5 +331,59 @@ class DownstairsFlow(_FlowDynamics):
         return [self._report(self.state[0])]
 
 
-def build_flow_dynamics(cfg: Any, net: DeepLinearNetwork, task: Task) -> _FlowDynamics:
-    return UpstairsFlow(cfg, net, task) if cfg.optim.name == "flow" else DownstairsFlow(cfg, net, task)
+# ------------------------------------------------------------------ registered as optimisers
+
+@dataclass
+class FlowConfig:
+    """optim=flow. lr only sets the time grid t = lr·step shared with the step-based dynamics."""
+    name: str = "flow"
+    lr: float = 0.05
+    method: str = "dopri5"              # dopri5 (adaptive) | rk4 (fixed step = lr)
+    rtol: float = 1e-10
+    atol: float = 1e-12
+    compare_downstairs: bool = False    # integrate the downstairs flow alongside
+
+
+@dataclass
+class DownstairsConfig:
+    name: str = "downstairs"
+    lr: float = 0.05
+    method: str = "dopri5"
+    rtol: float = 1e-10
+    atol: float = 1e-12
+    depth: Optional[str] = None         # N as an int or "inf"; None = model depth
+    time_scale: str = "auto"            # raw (t) | per_depth (τ = N t) | auto (per_depth at N = inf)
+
+
+def _check_solver(cfg: Any) -> None:
+    one_of("optim.method", cfg.optim.method, ("dopri5", "rk4"))
+    positive_finite("optim.rtol", cfg.optim.rtol)
+    positive_finite("optim.atol", cfg.optim.atol)
+
+
+def _check_flow(cfg: Any) -> None:
+    _check_solver(cfg)
+    init = cfg.init
+    if cfg.optim.compare_downstairs and not (init.name == "balanced"
+                                             or (init.name == "unbalanced" and init.imbalance == 0)):
+        fail("optim.compare_downstairs", True,
+             f"it needs a balanced start (init=balanced), not init={init.name}, since only balanced "
+             "products follow the downstairs flow")
+
+
+def _check_downstairs(cfg: Any) -> None:
+    _check_solver(cfg)
+    optim = cfg.optim
+    one_of("optim.time_scale", optim.time_scale, ("auto", "raw", "per_depth"))
+    if optim.depth is not None and parse_depth(optim.depth) == math.inf and optim.time_scale == "raw":
+        fail("optim.time_scale", optim.time_scale,
+             "optim.depth=inf needs per_depth (rescaled time τ = N t; A_N grows like N)")
+
+
+def _not_an_optimizer(cfg: Any, params: Any, generator: Any) -> None:
+    raise ValueError(f"optim.name={cfg.name!r} is not a step-based optimizer")
+
+
+OPTIMISERS.register("flow", schema=FlowConfig, check=_check_flow, dynamics=UpstairsFlow)(_not_an_optimizer)
+OPTIMISERS.register("downstairs", schema=DownstairsConfig, check=_check_downstairs,
+                    dynamics=DownstairsFlow)(_not_an_optimizer)

@@ -1,0 +1,26 @@
+"""Dynamics: what moves the state between two pauses of the run loop.
+
+base.py     the interface the loop drives (`Dynamics`)
+step.py     step-based dynamics: a registered update rule per step, the closed-form fast path
+layouts.py  the fast path's layouts (batch, replica-last planes) and their buffers
+graphs.py   CUDA-graph replay of the fast path
+flows.py    the exact flows (optim=flow | downstairs), registered as optimisers
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..network import DeepLinearNetwork
+from ..optim import OPTIMISERS
+from ..tasks import Task
+from . import flows  # noqa: F401 — registers optim=flow and optim=downstairs
+from .base import Dynamics
+from .step import StepDynamics
+
+__all__ = ["Dynamics", "StepDynamics", "build_dynamics"]
+
+
+def build_dynamics(cfg: Any, net: DeepLinearNetwork, task: Task, seed: int) -> Dynamics:
+    """The dynamics of `cfg.optim.name`: a registered flow's own, else one update rule per step."""
+    make = OPTIMISERS[cfg.optim.name].extra.get("dynamics")
+    return StepDynamics(cfg, net, task, seed) if make is None else make(cfg, net, task)

@@ -1,0 +1,192 @@
+"""Step-based dynamics: one update rule (a registered optimiser, dlntorch.optim) per step,
+t = lr × step, with closed-form gradients on the fast path."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import compat
+from ..network import DeepLinearNetwork, chain, factor_gradients
+from ..optim import OPTIMISERS, build_optimizer, fast_kernel
+from ..tasks import Task
+from .base import Dynamics
+from .graphs import CapturedSteps
+from .layouts import Workspace
+
+
+class StepDynamics(Dynamics):
+    """One optimizer step per step; gradients in closed form (3(N−1) batched matmuls from ∇E) or
+    by autograd (`run.gradient`). A diverged replica holds non-finite values, which every update
+    rule here keeps non-finite and which never mix across replicas (all ops are per replica),
+    so freezing it costs nothing per step: it is only excluded from aggregates and stop tests.
+
+    The hot path (closed form, no autograd, no allocation per step in the product and the factor
+    gradients — only what `task.gradient` allocates):
+
+    - prefix products W_p ⋯ W_1 are computed once per step, into preallocated buffers, and serve
+      both the product W (for ∇E) and the factor gradients;
+    - `gd`, `sgd` and `langevin` update in place by the registered kernel of their rule
+      (dlntorch.optim: the one the Optimizer's step runs, or torch.optim.SGD's own ops), so the
+      update is bit-identical given the same gradient. `momentum` and `adam` (no kernel) hand the
+      closed-form gradients to torch.optim.
+      The optimizer object is kept either way: its state_dict is the checkpoint's. The fused
+      updates leave `p.grad` unset (nothing reads it; the gradients live in the workspace).
+    - layout `planes` (chosen for small widths and many replicas, fused updates only): the
+      dynamics keeps its own copy of the factors with the replica axis last, (d_p, d_{p−1}, B),
+      and multiplies by d accumulated outer products (elementwise ops vectorised over B) instead
+      of B tiny matmuls; the parameters are written back at the end of every `advance`, so the
+      factors, energy, checkpoint and observables see the same state. Layout `batch` works on
+      the parameters (B, d_p, d_{p−1}) directly with `bmm`. The choice is a fixed function of
+      the shapes (never timed), so a run and its resumption take the same path.
+    - `run.cuda_graphs` (off by default):
+      on CUDA, plain `gd` replays `graph_steps` steps captured once as a CUDA graph (one launch
+      instead of ~20 per step: tiny matrices are launch-bound); any other case, and the remainder
+      of a chunk, runs eagerly — the same kernels, so the eager path is the fallback.
+    """
+
+    PLANES_MAX_WIDTH = 6        # planes: every width ≤ this …
+    PLANES_MIN_REPLICAS = 512   # … and at least this many replicas (crossovers measured on a CPU)
+
+    def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task, seed: int,
+                 layout: str | None = None, cuda_graphs: bool | None = None, graph_steps: int = 16):
+        super().__init__(cfg.optim.lr)
+        self.net, self.task = net, task
+        self.params = list(net.factors)
+        self.generator = torch.Generator(device=net.factors[0].device).manual_seed(seed)
+        self.optimizer = build_optimizer(cfg.optim, self.params, self.generator)
+        self.closed_form = cfg.run.gradient != "autograd"
+        self.name = cfg.optim.name
+        self.batch_size = cfg.optim.batch_size if OPTIMISERS[self.name].extra.get("minibatch") else None
+        # the rule's kernel where it runs on any layout (fibre noise, a matrix exponential per
+        # hidden layer, does not: the optimizer's own step)
+        self.kernel = fast_kernel(self.optimizer, self.name) if self.closed_form else None
+        self.fused = self.kernel is not None
+        self._draws = getattr(self.optimizer, "term", None) is not None   # the rule draws noise
+        if layout is None:
+            small = max(net.widths) <= self.PLANES_MAX_WIDTH and net.replicas >= self.PLANES_MIN_REPLICAS
+            layout = "planes" if self.fused and small else "batch"
+        if layout not in ("batch", "planes") or (layout == "planes" and not self.fused):
+            raise ValueError(f"layout={layout!r} is not allowed here: 'batch', or 'planes' with an update rule that "
+                             "has a kernel (gd, sgd, langevin with isotropic noise) and closed-form gradients.")
+        self.layout = layout
+        self.cuda_graphs = cfg.run.cuda_graphs if cuda_graphs is None else cuda_graphs
+        self.graph_steps = graph_steps
+        self._work: Workspace | None = None
+        self._graph: CapturedSteps | None = None
+
+    # -- the loop's interface ---------------------------------------------------------
+    def advance(self, steps: int) -> None:
+        if steps <= 0:
+            return
+        if not self.closed_form:
+            for _ in range(steps):
+                self.step()
+            return
+        with torch.no_grad():
+            state = self._state_in()
+            if not self.fused:
+                for _ in range(steps):
+                    for param, grad in zip(self.params, self._gradients(state, self._weights())):
+                        param.grad = grad
+                    self.optimizer.step()
+            else:
+                done = self._replay(state, steps) if self._graphs_apply() else 0
+                self._fused_steps(state, steps - done)
+            self.gradient_evaluations += steps
+            self._state_out(state)
+
+    def step(self) -> None:
+        """One step (the reference path; `advance` is the fast one)."""
+        if self.closed_form:
+            self.advance(1)
+            return
+        weights = self._weights()
+        self.optimizer.zero_grad(set_to_none=True)
+        # the sum hands each replica exactly its own gradient: replicas do not interact
+        self.task.energy(self.net.product(), weights).sum().backward()
+        self.optimizer.step()
+        self.gradient_evaluations += 1
+
+    def factors(self) -> list[Tensor]:
+        return [p.detach() for p in self.params]
+
+    @property
+    def beta(self) -> float | None:
+        return self.optimizer.param_groups[0].get("beta")
+
+    @torch.no_grad()
+    def energy(self) -> Tensor:
+        return self.task.energy(chain(self.factors()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factors": [p.detach().cpu() for p in self.params],
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "gradient_evaluations": self.gradient_evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.set_factors([f.to(self.params[0].device) for f in state["factors"]])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.gradient_evaluations = state["gradient_evaluations"]
+
+    # -- the state the hot loop works on ------------------------------------------------
+    def _state_in(self) -> list[Tensor]:
+        """The factors in the working layout: the parameters themselves (batch), or the planes,
+        refreshed from the parameters when anything changed them since the last write-back."""
+        factors = [p.detach() for p in self.params]
+        if self._work is None or self._work.stale(factors):
+            self._work = Workspace(factors, self.layout)
+            self._graph = None
+        work = self._work
+        if self.layout == "batch":
+            return factors
+        if work.versions != [(f.data_ptr(), compat.tensor_version(f)) for f in factors]:
+            for plane, f in zip(work.planes, factors):
+                plane.copy_(f.permute(1, 2, 0))
+        return work.planes
+
+    def _state_out(self, state: list[Tensor]) -> None:
+        factors = [p.detach() for p in self.params]
+        if self.layout == "planes":
+            for f, plane in zip(factors, state):
+                f.permute(1, 2, 0).copy_(plane)
+        self._work.versions = [(f.data_ptr(), compat.tensor_version(f)) for f in factors]
+
+    def _weights(self) -> Tensor | None:
+        return None if self.batch_size is None else \
+            self.task.minibatch(self.net.replicas, self.batch_size, self.generator)
+
+    # -- closed-form gradients ------------------------------------------------------------
+    def _gradients(self, state: list[Tensor], weights: Tensor | None) -> list[Tensor]:
+        """∂L/∂W_p for all p by the chain rule on the working layout, into the workspace."""
+        work = self._work
+        return factor_gradients(state, lambda W: work.from_task(self.task.gradient(work.to_task(W), weights)),
+                                work.mm, work.T, work)
+
+    def _fused_steps(self, state: list[Tensor], steps: int) -> None:
+        work, kernel, optimizer = self._work, self.kernel, self.optimizer
+        draws = work.noise if self._draws else None
+        for _ in range(steps):
+            kernel(optimizer, state, self._gradients(state, self._weights()), draws, work.view)
+
+    # -- CUDA graphs --------------------------------------------------------------------
+    def _graphs_apply(self) -> bool:
+        return self.cuda_graphs and self.name == "gd" and self.params[0].device.type == "cuda"
+
+    def _replay(self, state: list[Tensor], steps: int) -> int:
+        """Replay the captured `graph_steps` steps as often as they fit; returns the steps done.
+        If the capture fails, the graphs are switched off and everything runs eagerly."""
+        K = self.graph_steps
+        if steps < K:
+            return 0
+        group = self.optimizer.param_groups[0]
+        key = (group["lr"], group["weight_decay"], K)
+        if self._graph is None or self._graph.key != key:
+            self._graph = CapturedSteps.capture(key, state, lambda k: self._fused_steps(state, k), K)
+            if self._graph is None:
+                self.cuda_graphs = False
+                return 0
+        return self._graph.replay(steps)
