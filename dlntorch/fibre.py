@@ -1,0 +1,153 @@
+"""The fibre φ⁻¹(W) upstairs, as the noise models of problems 3, 5 and 7 need it.
+
+Factors 𝐖 = (W_1, …, W_N) with the Frobenius metric. The group GL(d_1) × ⋯ × GL(d_{N−1}) acts by
+W_p ↦ g_p W_p g_{p−1}^{-1} (g_0 = g_N = I) and keeps the product; at full rank its orbit is the
+fibre. Its infinitesimal action is the tangent map
+
+    τ_𝐖(A) = (A_p W_p − W_p A_{p−1})_p,   A = (A_1, …, A_{N−1}), A_p ∈ gl(d_p), A_0 = A_N = 0,
+
+whose image T_𝐖 is the tangent space of the fibre, and whose adjoint for the Frobenius inner
+products is τ*(η)_p = η_p W_p^T − W_{p+1}^T η_{p+1} (p = 1 … N−1).
+
+`fibre_frame` builds τ as a matrix (B, D, K), D = Σ d_p d_{p−1} factor entries, K = Σ d_p² generator
+entries, and factors it by one batched SVD. The orthogonal projection P_𝐖 onto T_𝐖 and the
+minimum-norm generator A with τ(A) = P_𝐖 ξ both come from it. The rule where A ↦ τ(A) is not
+injective (hidden layers wider than their neighbours, low rank): singular values of τ below
+`rtol` × the largest count as zero, so P_𝐖 projects onto the numerical range of τ and A is the
+least-squares solution of minimum norm (the pseudo-inverse).
+
+Indexing: Python lists are 0-based, so `factors[p]` is W_{p+1} and `generators[q]` is A_{q+1},
+acting on the left of factors[q] and on the right of factors[q + 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+RTOL = 1e-10   # relative cut on τ's singular values: float64 rounding of τ is ~1e-16 · its size
+
+
+def tangent(factors: Sequence[Tensor], generators: Sequence[Tensor]) -> list[Tensor]:
+    """τ_𝐖(A) = (A_p W_p − W_p A_{p−1})_p with A_0 = A_N = 0."""
+    N = len(factors)
+    out = []
+    for p, W in enumerate(factors):
+        term = torch.zeros_like(W)
+        if p < N - 1:
+            term = term + generators[p] @ W
+        if p > 0:
+            term = term - W @ generators[p - 1]
+        out.append(term)
+    return out
+
+
+def tangent_adjoint(factors: Sequence[Tensor], eta: Sequence[Tensor]) -> list[Tensor]:
+    """τ*_𝐖(η)_q = η_q W_q^T − W_{q+1}^T η_{q+1}, q = 1 … N−1 (the Frobenius adjoint of τ)."""
+    return [eta[q] @ factors[q].mT - factors[q + 1].mT @ eta[q + 1] for q in range(len(factors) - 1)]
+
+
+def flatten(parts: Sequence[Tensor]) -> Tensor:
+    """(B, Σ sizes): the parts' entries side by side, in order."""
+    return torch.cat([x.flatten(1) for x in parts], dim=1)
+
+
+def unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    sizes = [x[0].numel() for x in like]
+    return [piece.reshape(x.shape) for piece, x in zip(flat.split(sizes, dim=1), like)]
+
+
+def tangent_matrix(factors: Sequence[Tensor]) -> Tensor:
+    """τ_𝐖 as a matrix (B, D, K): column (q, i, j) is τ(E_ij in A_q), flattened like `flatten`.
+
+    E_ij in A_q (acting on factors[q] from the left and on factors[q+1] from the right) gives
+    (E_ij W)[a, b] = δ_ai W[j, b] in factors[q] and −(W' E_ij)[a, b] = −W'[a, i] δ_jb in factors[q+1]."""
+    N = len(factors)
+    B = factors[0].shape[0]
+    like = dict(dtype=factors[0].dtype, device=factors[0].device)
+    columns = []
+    for q in range(N - 1):
+        d = factors[q].shape[-2]
+        eye = torch.eye(d, **like)
+        blocks = [torch.zeros(B, *f.shape[1:], d, d, **like) for f in factors]
+        blocks[q] = torch.einsum("ai,bjc->bacij", eye, factors[q])      # (B, d, d_{q-1}, d, d)
+        rows_next, cols_next = factors[q + 1].shape[-2:]
+        blocks[q + 1] = -torch.einsum("bai,jc->bacij", factors[q + 1], torch.eye(cols_next, **like))
+        columns.append(torch.cat([blk.reshape(B, -1, d * d) for blk in blocks], dim=1))
+    return torch.cat(columns, dim=2)
+
+
+@dataclass
+class FibreFrame:
+    """τ_𝐖 = U diag(s) V^T restricted to its numerical range (rank r per replica, masked)."""
+    U: Tensor        # (B, D, K) left singular vectors; columns past the rank are masked out
+    s: Tensor        # (B, K) singular values, 0 past the rank
+    V: Tensor        # (B, K, K) right singular vectors
+    mask: Tensor     # (B, K) True where the singular value is kept
+
+    @property
+    def rank(self) -> Tensor:
+        """dim T_𝐖 per replica."""
+        return self.mask.sum(-1)
+
+    def project(self, flat: Tensor) -> Tensor:
+        """P_𝐖 x for x (B, D): U_r U_r^T x."""
+        coeff = (self.U.mT @ flat.unsqueeze(-1)).squeeze(-1) * self.mask
+        return (self.U @ coeff.unsqueeze(-1)).squeeze(-1)
+
+    def generator(self, flat: Tensor) -> Tensor:
+        """The minimum-norm A (B, K) with τ(A) = P_𝐖 x: V_r diag(1/s_r) U_r^T x."""
+        coeff = (self.U.mT @ flat.unsqueeze(-1)).squeeze(-1)
+        inverse = torch.where(self.mask, 1.0 / torch.where(self.mask, self.s, torch.ones_like(self.s)),
+                              torch.zeros_like(self.s))
+        return (self.V @ (coeff * inverse).unsqueeze(-1)).squeeze(-1)
+
+
+def fibre_frame(factors: Sequence[Tensor], rtol: float = RTOL) -> FibreFrame:
+    """One batched SVD of τ_𝐖 (see the module docstring for the rank rule)."""
+    U, s, Vh = torch.linalg.svd(tangent_matrix(factors), full_matrices=False)
+    mask = s > rtol * s[:, :1]
+    return FibreFrame(U=U, s=torch.where(mask, s, torch.zeros_like(s)), V=Vh.mT, mask=mask)
+
+
+def generators_from_flat(flat: Tensor, factors: Sequence[Tensor]) -> list[Tensor]:
+    """A (B, K) as the list [A_1, …, A_{N−1}] of (B, d_p, d_p)."""
+    B = flat.shape[0]
+    sizes = [f.shape[-2] for f in factors[:-1]]
+    return [piece.reshape(B, d, d) for piece, d in zip(flat.split([d * d for d in sizes], dim=1), sizes)]
+
+
+def project(factors: Sequence[Tensor], xi: Sequence[Tensor], rtol: float = RTOL) -> list[Tensor]:
+    """P_𝐖 ξ, the orthogonal projection of ξ = (ξ_p) onto the fibre's tangent space."""
+    return unflatten(fibre_frame(factors, rtol).project(flatten(xi)), factors)
+
+
+def tangential_part(factors: Sequence[Tensor], xi: Sequence[Tensor], kappa: float = 0.0,
+                    rtol: float = RTOL) -> list[Tensor]:
+    """P_𝐖 ξ + √κ (ξ − P_𝐖 ξ): the noise direction of the `tangential` model (κ = 1: ξ itself)."""
+    flat = flatten(xi)
+    along = fibre_frame(factors, rtol).project(flat)
+    return unflatten(along + kappa ** 0.5 * (flat - along), factors)
+
+
+def fibre_brownian_step(factors: Sequence[Tensor], xi: Sequence[Tensor], scale: float,
+                        rtol: float = RTOL) -> list[Tensor]:
+    """One step of the Stratonovich SDE d𝐖 = σ P_𝐖 ∘ dB by exact group moves (scale = σ√h).
+
+    The generator is taken at the midpoint: a = A(𝐖), 𝐖_½ = e^{a/2}·𝐖, then 𝐖' = e^{A(𝐖_½)}·𝐖, with
+    A(𝐗) = scale · (the minimum-norm generator of P_𝐗 ξ), the same ξ both times. Why this limit:
+    e^{sA}·𝐖 is the exact flow of the vector field 𝐗 ↦ τ_𝐗(A), so 𝐖' = 𝐖 + τ_𝐖(a_½) + ½ τ_{τ_𝐖(a)}(a)
+    + O(h^{3/2}); expanding a_½ = a + ½ DA[τ_𝐖(a)] + O(h) turns that into 𝐖 + V + ½ DV[V], V = P_𝐖 ξ
+    scale — the one-step expansion of the Stratonovich solution (the Itô one lacks ½ DV[V]).
+    Taking A at 𝐖 alone would converge to another diffusion (the random walk of the group,
+    `gl_walk`-like). Every move is a group action, so the product never changes (to rounding)."""
+    def generator_at(point: Sequence[Tensor]) -> list[Tensor]:
+        flat = fibre_frame(point, rtol).generator(flatten(xi))
+        return generators_from_flat(scale * flat, point)
+
+    from .geometry import fibre_move
+    half = [0.5 * a for a in generator_at(factors)]
+    midpoint = fibre_move(factors, half)
+    return fibre_move(factors, generator_at(midpoint))
