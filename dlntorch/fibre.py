@@ -27,6 +27,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .geometry import fibre_move
+
 RTOL = 1e-10   # relative cut on τ's singular values: float64 rounding of τ is ~1e-16 · its size
 
 
@@ -147,7 +149,6 @@ def fibre_brownian_step(factors: Sequence[Tensor], xi: Sequence[Tensor], scale: 
         flat = fibre_frame(point, rtol).generator(flatten(xi))
         return generators_from_flat(scale * flat, point)
 
-    from .geometry import fibre_move
     half = [0.5 * a for a in generator_at(factors)]
     midpoint = fibre_move(factors, half)
     return fibre_move(factors, generator_at(midpoint))

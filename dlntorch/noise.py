@@ -8,13 +8,16 @@ layout by `view` — so every layout draws the same numbers in the same order.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import fail, resolve_depth
+from .errors import ConfigError, fail, resolve_depth
+from .fibre import fibre_brownian_step, tangential_part
 from .geometry import fibre_move
+from .network import chain
 from .registry import Registry
 
 NOISES = Registry("optim.noise")
@@ -31,6 +34,9 @@ class NoiseTerm:
     """The interface. `any_layout`: whether the term works on the fast path's other layouts."""
 
     any_layout = True
+
+    def check_start(self, factors: Sequence[Tensor]) -> None:
+        """Refuse (ConfigError) a start the model cannot run from; most models take any."""
 
     def add_(self, factors: Sequence[Tensor], scale: float, generator: torch.Generator | None,
              draws: Sequence[Tensor] | None = None, view: View = same) -> None:
@@ -56,13 +62,22 @@ def _needs_a_fibre(cfg: Any) -> None:
         fail("optim.noise", cfg.optim.noise, "depth 1 has no fibre to move along; use depth ≥ 2 or isotropic")
 
 
-@NOISES.register("fibre", check=_needs_a_fibre)
-class Fibre(NoiseTerm):
-    """An exact random walk along the fibre (problem 7): W_p ← e^{σA_p} W_p e^{−σA_{p−1}}
-    (A_0 = A_N = 0) with A_p ∈ gl(d_p) of i.i.d. N(0, 1) entries. It moves along the GL orbit of
-    the factors and leaves the product W where the drift put it: only the balancedness G_p is
-    noisy. The factors must be the chain [W_1, …, W_N] in order, in the batch layout (a matrix
-    exponential per hidden layer)."""
+def _gaussian_like(factors: Sequence[Tensor], generator: torch.Generator | None) -> list[Tensor]:
+    return [torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device) for f in factors]
+
+
+@NOISES.register("gl_walk", check=_needs_a_fibre)
+class GLWalk(NoiseTerm):
+    """A random walk of the group acting on the fibre (problem 7): W_p ← e^{σA_p} W_p e^{−σA_{p−1}}
+    (A_0 = A_N = 0) with A_p ∈ gl(d_p) of i.i.d. N(0, 1) entries, σ = sqrt(2 lr/β). Exact group
+    moves: the product stays where the drift put it, only the balancedness G_p is noisy.
+
+    As lr → 0 it converges to the Brownian motion of the group GL(d_1) × ⋯ × GL(d_{N−1}) (in the
+    left-invariant metric of the Frobenius inner product on gl) pushed onto the orbit — not the
+    fibre's own Brownian motion in the metric induced from upstairs (`fibre_brownian`): the
+    generator's size is fixed in gl, so where the factors are large the walk is fast in W. The GL
+    orbits are non-compact, and the walk spreads along them without bound. The factors must be
+    the chain [W_1, …, W_N] in order, in the batch layout (a matrix exponential per hidden layer)."""
 
     any_layout = False
 
@@ -73,5 +88,121 @@ class Fibre(NoiseTerm):
             p.copy_(moved)
 
 
-def noise_term(name: str) -> NoiseTerm:
-    return NOISES[name].build()
+def _deprecated_fibre(cfg: Any) -> None:
+    warnings.warn("optim.noise=fibre is deprecated: the same model is now called optim.noise=gl_walk "
+                  "(a random walk of the group; see fibre_brownian for the fibre's own Brownian motion)",
+                  FutureWarning, stacklevel=2)
+    _needs_a_fibre(cfg)
+
+
+NOISES.register("fibre", check=_deprecated_fibre)(GLWalk)   # the old name of gl_walk
+
+
+def _check_kappa(cfg: Any) -> None:
+    if resolve_depth(cfg.model) < 2:
+        fail("optim.noise", cfg.optim.noise, "depth 1 has no fibre, so tangential noise is isotropic; use depth ≥ 2")
+    kappa = cfg.optim.get("kappa")
+    if kappa is not None and not (isinstance(kappa, (int, float)) and 0 <= kappa <= 1):
+        fail("optim.kappa", kappa, "it must be a number in [0, 1] (0: purely tangential, 1: isotropic)")
+
+
+@NOISES.register("tangential", check=_check_kappa)
+class Tangential(NoiseTerm):
+    """The general principle of the lecture series (Menon), in Itô form:
+
+        d𝐖 = −∇L dt + sqrt(2/β) (P_𝐖 dB + √κ P_𝐖^⊥ dB),
+
+    P_𝐖 the orthogonal projection onto the tangent space T_𝐖 of the fibre φ⁻¹(W) (dlntorch.fibre:
+    one batched SVD of the tangent map A ↦ (A_p W_p − W_p A_{p−1})_p). κ = 1 is isotropic, κ = 0
+    noise purely tangential to the fibre. Euler–Maruyama: the projection is taken at the point
+    the increment starts from (after the drift, which changes it by O(lr): the same Itô limit).
+    Every increment is tangential at κ = 0, yet the product moves, at second order along the
+    fibre's mean curvature: E[ΔW] = (lr/β) Σ_i D²φ(e_i, e_i) for an orthonormal basis e_i of T_𝐖.
+    That drift is the entropic force downstairs; it is measured, not removed."""
+
+    any_layout = False
+
+    def __init__(self, kappa: float | None = None):
+        self.kappa = 0.0 if kappa is None else float(kappa)
+
+    def add_(self, factors, scale, generator, draws=None, view=same):
+        xi = _gaussian_like(factors, generator)
+        for p, d in zip(factors, tangential_part([f.detach() for f in factors], xi, self.kappa)):
+            p.add_(d, alpha=scale)
+
+
+@NOISES.register("fibre_brownian", check=_needs_a_fibre)
+class FibreBrownian(NoiseTerm):
+    """Brownian motion intrinsic to the fibre, the Stratonovich SDE d𝐖 = sqrt(2/β) P_𝐖 ∘ dB (in the
+    metric the fibre inherits from upstairs), integrated by exact group moves with the generator
+    taken at the midpoint (dlntorch.fibre.fibre_brownian_step, whose docstring says why that
+    scheme has the Stratonovich limit). The product never moves (to rounding); with a drift, it
+    moves by the drift alone. Needs a full-rank start: at a rank-deficient product the fibre is
+    not the orbit and the frame's rank changes."""
+
+    any_layout = False
+
+    def check_start(self, factors: Sequence[Tensor]) -> None:
+        _full_rank_product("fibre_brownian", factors)
+
+    def add_(self, factors, scale, generator, draws=None, view=same):
+        xi = _gaussian_like(factors, generator)
+        for p, moved in zip(factors, fibre_brownian_step([f.detach() for f in factors], xi, scale)):
+            p.copy_(moved)
+
+
+def _full_rank_product(name: str, factors: Sequence[Tensor], rtol: float = 1e-8) -> None:
+    """Refuse a start whose product is rank-deficient in some replica (σ_min ≤ rtol · σ_max)."""
+    s = torch.linalg.svdvals(chain([f.detach() for f in factors]))
+    low = s[:, -1] <= rtol * s[:, 0]
+    if bool(low.any()):
+        raise ConfigError(f"optim.noise={name} is not allowed from this start: {int(low.sum())} replica(s) have a "
+                          f"rank-deficient product (σ_min ≤ {rtol:g} σ_max), where the fibre is not one orbit; "
+                          "start from full rank (e.g. a larger init.scale).")
+
+
+def _scalar_factors(cfg: Any) -> None:
+    from .tasks import task_shape
+    if resolve_depth(cfg.model) < 2:
+        fail("optim.noise", cfg.optim.noise, "depth 1 has no balance to keep; use depth ≥ 2")
+    widths = cfg.model.get("widths")
+    if task_shape(cfg.task) != (1, 1) or (widths is not None and any(int(w) != 1 for w in widths)):
+        fail("optim.noise", cfg.optim.noise, "it is implemented for 1x1 factors (a scalar DLN, where the "
+             "balanced manifold M_0 is the straight line |w_1| = … = |w_N|); use a 1x1 task or another noise")
+
+
+@NOISES.register("balanced", check=_scalar_factors)
+class Balanced(NoiseTerm):
+    """Brownian motion on the balanced manifold M_0 (Frobenius metric) plus the gradient, whose
+    image downstairs is the Riemannian Langevin equation of F_β = E − S_N/β. Integrated in the
+    orbit coordinates, which keep M_0 exactly: for 1x1 factors M_0 is the line w_p = ε_p u
+    (ε_p = ±1 fixed), the gradient of a balanced point is along it, and the SDE is
+    du = −(1/N) ∂_u L dt + sqrt(2/(βN)) dB — so the noise is ξ projected on the unit vector
+    e = ε/√N, and the state is projected back on the line (removing rounding). Its stationary
+    density in u is ∝ e^{−βE(u^N)} du exactly, while Euler–Maruyama on w = u^N, whose diffusion
+    sqrt(2N/β)|w|^{1−1/N} degenerates at w = 0, is biased there. Larger factors (d > 1, the
+    orbit parametrisation W_p = Q_p Σ^{1/N} Q_{p−1}^T) are not implemented yet: refused."""
+
+    any_layout = False
+
+    def check_start(self, factors: Sequence[Tensor]) -> None:
+        magnitudes = torch.cat([f.detach().abs().flatten(1) for f in factors], dim=1)   # (B, N)
+        spread = (magnitudes.max(1).values - magnitudes.min(1).values).max()
+        if float(spread) > 1e-10 * max(float(magnitudes.max()), 1e-300):
+            raise ConfigError("optim.noise=balanced is not allowed from an unbalanced start: it moves on the "
+                              f"balanced manifold M_0 (|w_1| = … = |w_N|), and max_p |w_p| − min_p |w_p| = "
+                              f"{float(spread):.3g}; use init=balanced.")
+
+    def add_(self, factors, scale, generator, draws=None, view=same):
+        w = torch.cat([f.detach().flatten(1) for f in factors], dim=1)                  # (B, N)
+        signs = torch.sign(w) * torch.sign(w[:, :1])
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)                   # ε, up to a global sign
+        xi = torch.cat([x.flatten(1) for x in _gaussian_like(factors, generator)], dim=1)
+        N = w.shape[1]
+        u = (signs * w).sum(1, keepdim=True) / N + scale * (signs * xi).sum(1, keepdim=True) / N
+        for p, f in enumerate(factors):
+            f.copy_((signs[:, p:p + 1] * u).view(f.shape))
+
+
+def noise_term(name: str, kappa: float | None = None) -> NoiseTerm:
+    return NOISES[name].build(kappa) if name == "tangential" else NOISES[name].build()

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .errors import at_least, fail, non_negative_finite, positive_finite
-from .noise import NOISES, NoiseTerm, View, same
+from .noise import NOISES, NoiseTerm, View, noise_term, same
 from .registry import Registry
 
 # name → Option(build = (cfg.optim, params, generator) -> Optimizer, check, schema, extra):
@@ -64,7 +64,8 @@ class Langevin(Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float, beta: float, weight_decay: float = 0.0,
-                 generator: torch.Generator | None = None, noise: str = "isotropic"):
+                 generator: torch.Generator | None = None, noise: str = "isotropic",
+                 kappa: float | None = None):
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr={lr} must be finite and > 0")
         if not (beta > 0):
@@ -73,7 +74,8 @@ class Langevin(Optimizer):
             raise ValueError(f"noise={noise!r} must be one of {NOISES.names()}")
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay))
         self.generator, self.noise = generator, noise
-        self.term: NoiseTerm = NOISES[noise].build()
+        self.term: NoiseTerm = noise_term(noise, kappa)
+        self.term.check_start([p for group in self.param_groups for p in group["params"]])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -135,6 +137,7 @@ class LangevinConfig:
     weight_decay: float = 0.0
     beta: float = 1e4                   # inverse temperature
     noise: str = "isotropic"            # a registered noise model (dlntorch.noise)
+    kappa: Optional[float] = None       # tangential: weight of the normal noise, in [0, 1] (None: 0)
 
 
 def _check_decay(cfg: Any) -> None:
@@ -163,6 +166,8 @@ def _check_langevin(cfg: Any) -> None:
     _check_decay(cfg)
     positive_finite("optim.beta", cfg.optim.beta)
     noise = NOISES[cfg.optim.noise]
+    if cfg.optim.kappa is not None and cfg.optim.noise != "tangential":
+        fail("optim.kappa", cfg.optim.kappa, "it mixes normal noise into optim.noise=tangential only")
     if noise.check is not None:
         noise.check(cfg)
 
@@ -197,7 +202,7 @@ def _adam(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> 
 @OPTIMISERS.register("langevin", schema=LangevinConfig, check=_check_langevin, kernel=_langevin_kernel)
 def _langevin(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:
     return Langevin(params, lr=cfg.lr, beta=cfg.beta, weight_decay=cfg.weight_decay, generator=generator,
-                    noise=cfg.noise)
+                    noise=cfg.noise, kappa=cfg.kappa)
 
 
 def build_optimizer(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:
