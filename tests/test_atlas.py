@@ -1,0 +1,98 @@
+"""The atlas: the shared statistics against closed forms, and each instrument's --quick run
+(in this process) writing its three files with the schema the docs read and one checkable fact."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dlntorch.atlas import measure
+from dlntorch.atlas.common import fit_loglog, fit_slope, standard_error, wilson_interval
+
+
+def read_table(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_outputs(out, instrument, columns):
+    """The three files exist; settings.json records the command, date, versions and every config;
+    table.csv has the given columns; the figure is a PNG."""
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["instrument"] == instrument and settings["quick"] is True
+    assert {"command", "date", "versions", "configs", "settings", "sentences"} <= set(settings)
+    assert settings["versions"]["torch"] and settings["sentences"]
+    rows = read_table(out / "table.csv")
+    assert rows and set(columns) <= set(rows[0])
+    assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return settings, rows
+
+
+# ------------------------------------------------------------------------ statistics
+
+def test_wilson_interval_closed_forms():
+    # 0 of n: [0, z²/(n + z²)]; n/2 of n: symmetric about 1/2 (Wilson 1927's formula by hand)
+    z = 1.959963984540054
+    low, high = wilson_interval(0, 10)
+    assert low == 0 and high == pytest.approx(z * z / (10 + z * z), rel=1e-12)
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(1 - high, rel=1e-12) and high == pytest.approx(0.7634, abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_wilson_interval_covers_at_its_level():
+    """Coverage of the true p over 4000 binomial draws (n = 50, p = 0.1) is 95 % within 3.5
+    standard errors of a proportion (√(0.95·0.05/4000) = 0.0034); Wilson's is known to be close."""
+    rng = np.random.default_rng(0)
+    k = rng.binomial(50, 0.1, size=4000)
+    covered = np.mean([lo <= 0.1 <= hi for lo, hi in (wilson_interval(int(x), 50) for x in k)])
+    assert abs(covered - 0.95) < 3.5 * math.sqrt(0.95 * 0.05 / 4000) + 0.01   # + discreteness at n = 50
+
+
+def test_fitted_slopes():
+    x = np.arange(6.0)
+    exact = fit_slope(x, 3 * x - 1)
+    assert exact["slope"] == pytest.approx(3) and exact["intercept"] == pytest.approx(-1)
+    assert exact["high"] - exact["low"] == pytest.approx(0, abs=1e-9)
+    power = fit_loglog([1, 10, 100], [2, 0.2, 0.02])
+    assert power["slope"] == pytest.approx(-1)
+    # noisy line: the 95 % interval covers the true slope in about 95 % of 400 draws
+    rng = np.random.default_rng(1)
+    hits = [(f["low"] <= 2 <= f["high"]) for f in (fit_slope(x, 2 * x + rng.normal(size=6)) for _ in range(400))]
+    assert abs(np.mean(hits) - 0.95) < 3.5 * math.sqrt(0.95 * 0.05 / 400)
+    assert standard_error([1.0, 2.0, 3.0, np.nan]) == pytest.approx(1 / math.sqrt(3))
+
+
+# ------------------------------------------------------------------------ instruments
+
+def test_p8_conservation_quick(tmp_path):
+    out = tmp_path / "p8"
+    book = measure("p8_conservation", out, quick=True)
+    settings, rows = check_outputs(book.out, "p8_conservation",
+                                   ["widths", "parameters", "jacobian_count", "lie_algebra_count"])
+    row = next(r for r in rows if r["widths"] == "2-2-2")
+    # G_1 is a symmetric 2x2: three independent entries, and the Lie algebra finds no other law
+    assert int(row["parameters"]) == 8 and int(row["jacobian_count"]) == 3 == int(row["lie_algebra_count"])
+    drift = read_table(out / "drift.csv")
+    assert {r["optimiser"] for r in drift} == {"flow", "gd", "sgd", "momentum", "adam", "langevin"}
+    # the exact flow keeps G to its tolerance, gd does not (lr·T·‖∇‖² ≫ 1e-8)
+    flow = [float(r["drift_mean"]) for r in drift if r["optimiser"] == "flow"]
+    gd = [float(r["drift_mean"]) for r in drift if r["optimiser"] == "gd"]
+    assert max(flow) < 1e-8 < min(gd)
+    assert len(settings["configs"]) == len(drift) + 2
+
+
+@pytest.mark.slow
+def test_command_line_writes_the_three_files(tmp_path):
+    out = tmp_path / "cli"
+    done = subprocess.run([sys.executable, "-m", "dlntorch.atlas", "p6_singular_varieties", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["command"].endswith(f"p6_singular_varieties --quick --out {out}")
+    assert (out / "table.csv").is_file() and (out / "figure.png").is_file()
