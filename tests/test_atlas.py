@@ -96,3 +96,30 @@ def test_command_line_writes_the_three_files(tmp_path):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["command"].endswith(f"p6_singular_varieties --quick --out {out}")
     assert (out / "table.csv").is_file() and (out / "figure.png").is_file()
+
+
+def test_p6_singular_varieties_quick(tmp_path):
+    from dlntorch.atlas.p6_singular_varieties import full_rank_dimension
+    book = measure("p6_singular_varieties", tmp_path / "p6", quick=True)
+    _, rows = check_outputs(book.out, "p6_singular_varieties",
+                            ["widths", "G", "product_rank", "tangent_dim", "fibre_tangent_dim", "singular"])
+    for widths in ("2-2-2", "2-3-2"):
+        assert (book.out / f"table_{widths}.csv").is_file()
+        d = [int(w) for w in widths.split("-")]
+        generic = next(r for r in rows if r["widths"] == widths and r["G"] == "nonzero"
+                       and int(r["product_rank"]) == min(d))
+        # the measured full-rank dimension is the docstring's formula: D − Σ_p c(d_p, d_{p−1} + d_{p+1})
+        assert int(generic["tangent_dim"]) == full_rank_dimension(d) == {"2-2-2": 8 - 3, "2-3-2": 12 - 6}[widths]
+    # equal widths d = 2, N = 2, G = 0, full rank: the fibre in M_0 is an O(2)-orbit, dimension 1
+    balanced = next(r for r in rows if r["widths"] == "2-2-2" and r["G"] == "zero" and r["product_rank"] == "2")
+    assert int(balanced["fibre_tangent_dim"]) == 1
+
+
+def test_full_rank_dimension_formula_against_the_jacobian_count():
+    """D − Σ_p c(d_p, d_{p−1} + d_{p+1}) against geometry's independent Jacobian-rank count of the
+    G_p entries, including hidden widths wider than their two neighbours together (rank-capped G_p)."""
+    from dlntorch.atlas.lie import parameter_count
+    from dlntorch.atlas.p6_singular_varieties import full_rank_dimension
+    from dlntorch.geometry import conservation_law_count
+    for widths in ([2, 2, 2], [1, 3, 1], [1, 4, 1], [1, 5, 2], [2, 5, 1, 4], [3, 2, 3, 3], [1, 3, 2, 1]):
+        assert full_rank_dimension(widths) == parameter_count(widths) - conservation_law_count(widths)
