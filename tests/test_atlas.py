@@ -123,3 +123,40 @@ def test_full_rank_dimension_formula_against_the_jacobian_count():
     from dlntorch.geometry import conservation_law_count
     for widths in ([2, 2, 2], [1, 3, 1], [1, 4, 1], [1, 5, 2], [2, 5, 1, 4], [3, 2, 3, 3], [1, 3, 2, 1]):
         assert full_rank_dimension(widths) == parameter_count(widths) - conservation_law_count(widths)
+
+
+def test_p9_rank_jumps_quick(tmp_path):
+    book = measure("p9_rank_jumps", tmp_path / "p9", quick=True)
+    _, rows = check_outputs(book.out, "p9_rank_jumps", ["task", "depth", "scale", "t_mode1_median",
+                                                         "t_mode1_theory", "jumps_up_mean"])
+    fits = read_table(book.out / "fits.csv")
+    # incremental learning: the larger mode (target 2) is learned before the smaller (target 1)
+    assert all(float(r["t_mode1_median"]) < float(r["t_mode2_median"]) for r in rows)
+    # N = 3: t_1 ∝ scale^{−1/3} to leading order; two scales and 3 replicas each leave ±0.1 for
+    # the next order (the O(1) time from escape to half target) and the replica spread
+    fit = next(f for f in fits if f["depth"] == "3" and f["mode"] == "1")
+    assert abs(float(fit["fitted"]) - (-1 / 3)) < 0.1 and float(fit["theory"]) == pytest.approx(-1 / 3)
+
+
+def test_p1_low_rank_quick_depth_one_is_the_closed_form(tmp_path):
+    """The depth-1 rank-one fraction of the lab equals the closed-form linear flow's for the same
+    initial conditions, drawn again here from the run's own config through the init module."""
+    import torch
+    from dlntorch.atlas.p1_low_rank import THRESHOLD, closed_form_depth1_ratio
+    from dlntorch.config import as_config, derive_seeds
+    from dlntorch.init import initial_factors
+    book = measure("p1_low_rank", tmp_path / "p1", quick=True)
+    _, rows = check_outputs(book.out, "p1_low_rank", ["optimiser", "depth", "scale_of", "scale", "converged",
+                                                       "rank_one", "fraction", "wilson_low", "wilson_high"])
+    settings = json.loads((book.out / "settings.json").read_text())
+    depth_one = [(r, c) for r, c in zip(rows, settings["configs"]) if r["depth"] == "1"]
+    assert len(depth_one) == 2
+    for row, cfg in depth_one:
+        config = as_config(cfg)
+        W0 = initial_factors(config.init, [2, 2], config.replicas, derive_seeds(config)["init"])[0]
+        expected = int((closed_form_depth1_ratio(W0.numpy()) < THRESHOLD).sum())
+        assert int(row["converged"]) == config.replicas and int(row["rank_one"]) == expected
+        low, high = float(row["wilson_low"]), float(row["wilson_high"])
+        assert low <= float(row["fraction"]) <= high
+    # at the large scale some depth-1 limits [[1, b], [c, 1]] have bc ≈ 1: the check is not 0 == 0 only
+    assert any(int(r["rank_one"]) > 0 for r, _ in depth_one)
