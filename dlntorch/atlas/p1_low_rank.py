@@ -72,7 +72,7 @@ def cell(book: Notebook, depth: int, scale: float, scale_of: str, optim: str, re
 
 def measure(book: Notebook) -> None:
     quick = book.quick
-    depths = [1, 2, 3] if quick else [1, 2, 3, 4, 6, 8]
+    depths = [1, 2] if quick else [1, 2, 3, 4, 6, 8]
     scales = [1e-2, 1.0] if quick else [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     replicas = 256 if quick else 2000
     optims = ["flow"] if quick else ["flow", "gd"]
