@@ -22,6 +22,7 @@ from .lie import lie_algebra_dimension, parameter_count
 WIDTHS = ([2, 2, 2], [2, 1, 2], [1, 2, 1], [3, 2, 3], [2, 3, 2], [3, 2, 2], [2, 3, 4], [4, 2, 3],
           [2, 2, 2, 2], [2, 1, 1, 2], [3, 3, 3], [1, 3, 2, 1])
 QUICK_WIDTHS = ([2, 2, 2], [2, 1, 2], [1, 2, 1])
+CLIP = 1e2          # drift above this is instability, not drift: drawn off the top of panel (b)
 FIT_POINTS = 4      # slopes from the smallest step sizes: large ones leave the asymptotic regime (or diverge)
 
 # each optimiser with only its own keys (other helpers give each its own schema)
@@ -68,7 +69,7 @@ def drift(book: Notebook, lrs: list[float], replicas: int, horizon: float) -> li
             rows.append({"optimiser": name, "lr": lr, "horizon": horizon, "replicas": int(live.sum()),
                          "drift_mean": float(values.mean()) if values.size else math.nan,
                          "drift_se": standard_error(values),
-                         "G0_norm_mean": float(np.nanmean(summary["final"]["balancedness"]))})
+                         "G_final_norm_mean": float(np.nanmean(summary["final"]["balancedness"]))})
     return rows
 
 
@@ -140,6 +141,11 @@ def measure(book: Notebook) -> None:
                     marker="o", capsize=3, label=f"{name} (slope {fits[name]['slope']:.2f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    unstable = [r for r in rows if r["drift_mean"] > CLIP]
+    if unstable:      # one unstable point (momentum at a large lr) would squash every other curve
+        ax.set_ylim(top=CLIP)
+        ax.text(0.02, 0.02, "off the top: " + ", ".join(f"{r['optimiser']} lr {r['lr']:g} ({r['drift_mean']:.1g})"
+                                                          for r in unstable), transform=ax.transAxes, fontsize=9)
     ax.set_xlabel("step size lr (time units)")
     ax.set_ylabel(f"‖G(T) − G(0)‖_F at T = {horizon:g} (mean, 95 %)")
     ax.set_title("(b) drift of G against step size")
