@@ -160,3 +160,15 @@ def test_p1_low_rank_quick_depth_one_is_the_closed_form(tmp_path):
         assert low <= float(row["fraction"]) <= high
     # at the large scale some depth-1 limits [[1, b], [c, 1]] have bc ≈ 1: the check is not 0 == 0 only
     assert any(int(r["rank_one"]) > 0 for r, _ in depth_one)
+
+
+def test_p2_full_rank_quick(tmp_path):
+    book = measure("p2_full_rank", tmp_path / "p2", quick=True)
+    _, rows = check_outputs(book.out, "p2_full_rank", ["slice", "depth", "extent", "fraction", "se"])
+    points = read_table(book.out / "points.csv")
+    # the diagonal plane: the balanced flow keeps the sign of det W (the rank cannot drop in finite
+    # time), so exactly the grid points with a·b > 0 (tilt ε = 1e-3 does not flip a sign on this
+    # grid, whose |a|, |b| ≥ 1/7) reach the full-rank minimiser I, and those with a·b < 0 rank one
+    diagonal = [p for p in points if p["slice"] == "diagonal"]
+    assert diagonal and all((p["full_rank"] == "True") == (float(p["a"]) * float(p["b"]) > 0) for p in diagonal)
+    assert all(float(r["fraction"]) == 0.5 for r in rows if r["slice"] == "diagonal")
