@@ -28,6 +28,12 @@ class Jump:
     rank_from: int
     rank_to: int
 
+    @property
+    def time(self) -> float:
+        """One time for the jump: the midpoint in log t of its two ends (the true passage of a
+        clean step lies between them; flicker near a noisy passage widens both ends alike)."""
+        return float(np.sqrt(self.t_from * self.t_to))
+
 
 def rank_at_scale(singular_values: np.ndarray, tol: float = 1e-2) -> np.ndarray:
     """r = #{i : s_i > tol · s_1} from singular values (..., k) sorted descending; −1 where
@@ -70,6 +76,29 @@ def first_passage(t: np.ndarray, x: np.ndarray, level: float) -> np.ndarray:
     below = np.asarray(x) < level
     hit = below.any(0)
     return np.where(hit, np.asarray(t, dtype=float)[below.argmax(0)], np.nan)
+
+
+def learning_times(t: np.ndarray, singular_values: np.ndarray, fraction: float = 0.5) -> np.ndarray:
+    """Per replica and mode, the time s_i(t) first reaches `fraction` of its last logged value,
+    (B, k); NaN where it never does or starts there. Interpolated linearly in (log t, s_i)
+    between the two logged times around the passage, so the answer does not sit on the grid.
+
+    The incremental-learning time of mode i: under E = ½‖W − diag(s)‖² from a small balanced
+    aligned start each mode follows its own scalar flow, and this is its time to half its target.
+    """
+    t = np.asarray(t, dtype=float)
+    s = np.asarray(singular_values, dtype=float)
+    positive = t > 0
+    t, s = t[positive], s[positive]
+    level = fraction * s[-1]                       # (B, k)
+    above = s >= level
+    hit = above.any(0) & ~above[0]
+    j = np.where(hit, above.argmax(0), 1)          # first index at or above the level
+    take = lambda a, i: np.take_along_axis(a, i[None], 0)[0]  # noqa: E731
+    s_lo, s_hi = take(s, j - 1), take(s, j)
+    log_lo, log_hi = np.log(t[j - 1]), np.log(t[j])
+    weight = np.clip((level - s_lo) / np.where(s_hi > s_lo, s_hi - s_lo, 1.0), 0.0, 1.0)
+    return np.where(hit, np.exp(log_lo + weight * (log_hi - log_lo)), np.nan)
 
 
 def summarise_events(trajectory: dict[str, np.ndarray], energy_level: float = 1e-8,

@@ -1,0 +1,100 @@
+"""p2_full_rank — problem 2: which initial end-to-end matrices of the seed 2x2 task flow to a
+full-rank minimiser? Phase portraits over 2-D slices of initial products (grid.py), balanced
+factorisations, exact flow (optim=flow), coloured by the limit's det W (= 1 − W12·W21 there).
+
+A grid point counts as converged once E < 1e-10 (the run stops when all are, or at t = 1000) and
+as full rank when then σ2/σ1 ≥ 1e-2 (p1's threshold, the other side). The area fraction of full-
+rank limits carries the binomial standard error √(p(1 − p)/n) over the grid's n points and a
+Wilson 95 % interval. Invariant sets drawn: in the diagonal plane diag(a, b) (tilted by ε = 1e-3
+off it) the conformal line a = b (W = aI); in the symmetric plane [[a, b], [b, a]] the diagonal
+line b = 0 (W = aI) and the lines a = ±b (rank one, on E's level sets through 0).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .common import Notebook, slide_axes, wilson_interval
+from .grid import SLICES, write_grid
+
+THRESHOLD, CONVERGED = 1e-2, 1e-10
+
+
+def measure(book: Notebook) -> None:
+    quick = book.quick
+    points = 8 if quick else 64
+    depths = [2, 3] if quick else [2, 3, 4]
+    extents = [1.0] if quick else [0.1, 1.0]
+    book.note(points=points, depths=depths, extents=extents, slices=list(SLICES), threshold=THRESHOLD,
+              converged_below=CONVERGED, grid="a, b ∈ [−extent, extent], W0 = a P + b Q (+ ε R); see grid.py")
+    rows, portraits, grid_rows = [], {}, []
+    for name in SLICES:
+        for extent in extents:
+            path = book.out / f"grid_{name}_{extent:g}.pt"
+            a, b = write_grid(path, name, points, extent, seed=0)
+            for depth in depths:
+                summary = book.train({"task": {"name": "seed2x2"}, "model": {"depth": depth},
+                                      "init": {"name": "file", "file": str(path)},
+                                      "optim": {"name": "flow", "lr": 0.05},
+                                      "run": {"steps": 20000, "stop_energy": CONVERGED, "log_points": 20},
+                                      "replicas": points * points, "seed": 0})
+                final = summary["final"]
+                energy, ratio = np.asarray(final["energy"], float), np.asarray(final["sigma_ratio"], float)
+                det = np.asarray(final["det"], float)
+                converged = np.isfinite(energy) & (energy < CONVERGED)
+                full = converged & (ratio >= THRESHOLD)
+                n, k = int(converged.sum()), int(full.sum())
+                p = k / n if n else math.nan
+                low, high = wilson_interval(k, n)
+                rows.append({"slice": name, "depth": depth, "extent": extent, "points": points * points,
+                             "converged": n, "full_rank": k, "fraction": p,
+                             "se": math.sqrt(p * (1 - p) / n) if n else math.nan,
+                             "wilson_low": low, "wilson_high": high,
+                             "wall_seconds": round(summary["wall_time"], 2)})
+                portraits[(name, extent, depth)] = (a, b, np.where(converged, det, np.nan))
+                grid_rows += [{"slice": name, "extent": extent, "depth": depth, "a": x, "b": y, "converged": bool(c),
+                               "full_rank": bool(f), "det": d, "sigma_ratio": q}
+                              for x, y, c, f, d, q in zip(a, b, converged, full, det, ratio)]
+                print(f"{name} extent {extent:g} N={depth}: full rank {k}/{n} ({summary['wall_time']:.1f} s)", flush=True)
+    book.table(rows)
+    book.table(grid_rows, "points.csv")        # every grid point's limit, for other plots
+    book.say("Area fraction of the grid flowing to a full-rank minimiser (σ2/σ1 ≥ 1e-2 once E < 1e-10; ± se): "
+             + "; ".join(f"{r['slice']} extent {r['extent']:g} N={r['depth']}: {r['fraction']:.3f} ± {r['se']:.3f}"
+                         for r in rows) + ".")
+    plot(book, rows, portraits, depths, extents, points)
+
+
+def plot(book, rows, portraits, depths, extents, points) -> None:
+    fig, axes = slide_axes(1, 4, width=4.6, height=4.4)
+    depth, extent = depths[-1], extents[-1]
+    for ax, name in zip(axes[0, :3], SLICES):
+        a, b, det = portraits[(name, extent, depth)]
+        image = ax.imshow(det.reshape(points, points), origin="lower", cmap="RdBu_r", vmin=-1.5, vmax=1.5,
+                          extent=(-extent, extent, -extent, extent))
+        line = np.array([-extent, extent])
+        if name == "diagonal":
+            ax.plot(line, line, "k--", lw=1, label="a = b (W = aI)")
+        if name == "symmetric":
+            ax.plot(line, 0 * line, "k--", lw=1, label="b = 0 (W = aI)")
+            ax.plot(line, line, "k:", lw=1, label="a = ±b (rank one)")
+            ax.plot(line, -line, "k:", lw=1)
+        if name != "random":
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlabel("a (coordinate along P)")
+        ax.set_ylabel("b (coordinate along Q)")
+        ax.set_title(f"{name} plane, N = {depth}", fontsize=12)
+    fig.colorbar(image, ax=axes[0, 2], label="det W at the limit")
+    ax = axes[0, 3]
+    for i, name in enumerate(SLICES):
+        for extent, style in zip(extents, ("-o", "--s")):
+            mine = [r for r in rows if r["slice"] == name and r["extent"] == extent]
+            ax.errorbar([r["depth"] for r in mine], [r["fraction"] for r in mine],
+                        yerr=[1.96 * r["se"] for r in mine], fmt=style, color=f"C{i}", capsize=3,
+                        label=f"{name}, extent {extent:g}")
+    ax.set_xlabel("depth N")
+    ax.set_ylabel("area fraction → full rank (± 1.96 se)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    book.figure(fig)
