@@ -30,8 +30,9 @@ from torch import Tensor
 State = tuple[Tensor, ...]
 Velocity = Callable[[State], Sequence[Tensor]]
 
-# Dormand–Prince 5(4): nodes c, stage matrix a, 5th-order weights b (= the last row of a: the
-# last stage is the next step's first, FSAL) and the error weights e = b₅ − b₄.
+# Dormand–Prince 5(4): nodes c, stage matrix a (row i: the weights of k_1..k_i in stage i+1), the
+# 5th-order weights b = the last row of a (the 7th stage is f(y₁): the next step's first, FSAL)
+# and the error weights e = b₅ − b₄.
 C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 A = (
     (),
@@ -43,8 +44,9 @@ A = (
     (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
 )
 E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+STAGES = len(C)
 ORDER = 5                      # the error estimate is O(h⁵): the controller's exponents are 1/5
-NEW_STAGES = len(C) - 1        # evaluations per step after the first (FSAL)
+NEW_STAGES = STAGES - 1        # evaluations per step after the first (FSAL)
 
 
 @dataclass
@@ -96,50 +98,50 @@ class Solution:
         return tuple(x[-1] for x in self.states)
 
 
-def _rms(parts: Sequence[Tensor]) -> Tensor:
-    """Per replica: the RMS over all of its entries, across the components."""
-    squares = sum(p.pow(2).flatten(1).sum(1) for p in parts)
-    return (squares / sum(p[0].numel() for p in parts)).sqrt()
+class _Layout:
+    """The state's components laid side by side as one (B, D) matrix: a stage is then one
+    combination of the stages before it (a single matmul) whatever the number of factors."""
+
+    def __init__(self, state: State):
+        self.shapes = [x.shape[1:] for x in state]
+        self.sizes = [s.numel() for s in self.shapes]
+        if len({x.dtype for x in state}) != 1:
+            raise ValueError(f"every component of the state needs one dtype, got {[x.dtype for x in state]}")
+
+    def flat(self, parts: Sequence[Tensor]) -> Tensor:
+        return torch.cat([x.reshape(x.shape[0], -1) for x in parts], 1)
+
+    def split(self, y: Tensor) -> State:
+        """Views of y's columns as the components, for any number of leading axes."""
+        lead = y.shape[:-1]
+        return tuple(part.view(*lead, *shape) for part, shape in zip(y.split(self.sizes, -1), self.shapes))
 
 
-def _axpy(y: Sequence[Tensor], h: Tensor, weights: Sequence[float], ks: Sequence[Sequence[Tensor]]) -> State:
-    """y + h Σ_j weights_j k_j, with a step h per replica."""
-    out = []
-    for i, yi in enumerate(y):
-        acc = None
-        for w, k in zip(weights, ks):
-            if w != 0.0:
-                acc = w * k[i] if acc is None else acc.add(k[i], alpha=w)
-        hv = h.view(-1, *[1] * (yi.ndim - 1)).to(yi.dtype)
-        out.append(yi if acc is None else yi + hv * acc)
-    return tuple(out)
+def _rms(x: Tensor) -> Tensor:
+    """Per replica (row): the RMS over its entries."""
+    return x.pow(2).mean(1).sqrt()
 
 
-def _where(mask: Tensor, a: Sequence[Tensor], b: Sequence[Tensor]) -> State:
-    return tuple(torch.where(mask.view(-1, *[1] * (x.ndim - 1)), x, y) for x, y in zip(a, b))
+def _row(h: Tensor) -> Tensor:
+    return h.unsqueeze(1)
 
 
 class _Replicas:
-    """Per-replica solver state as a flat list of (B, …) tensors, so that a subset can be
-    gathered into a working batch and written back by index in one pass."""
+    """Per-replica solver state as a flat list of tensors with the replica axis first, so that a
+    subset can be gathered into a working batch and written back by index in one pass."""
 
-    FIELDS = ("t", "h", "err_prev", "after_reject", "failed", "next_output", "accepted", "rejected", "evals")
+    FIELDS = ("y", "k1", "t", "h", "err_prev", "after_reject", "failed", "next_output", "accepted", "rejected",
+              "evals")
 
-    def __init__(self, y: State, k1: State, **fields: Tensor):
-        self.n = len(y)
-        self.y, self.k1 = tuple(y), tuple(k1)
+    def __init__(self, **fields: Tensor):
         for name in self.FIELDS:
             setattr(self, name, fields[name])
 
     def tensors(self) -> list[Tensor]:
-        return [*self.y, *self.k1, *(getattr(self, f) for f in self.FIELDS)]
-
-    @classmethod
-    def of(cls, n: int, tensors: list[Tensor]) -> "_Replicas":
-        return cls(tuple(tensors[:n]), tuple(tensors[n:2 * n]), **dict(zip(cls.FIELDS, tensors[2 * n:])))
+        return [getattr(self, f) for f in self.FIELDS]
 
     def gather(self, index: Tensor) -> "_Replicas":
-        return self.of(self.n, [x.index_select(0, index) for x in self.tensors()])
+        return _Replicas(**{f: x.index_select(0, index) for f, x in zip(self.FIELDS, self.tensors())})
 
     def scatter(self, index: Tensor, part: "_Replicas") -> None:
         for home, x in zip(self.tensors(), part.tensors()):
@@ -183,6 +185,7 @@ def dopri5(
     if any(x.shape[0] != B for x in state):
         raise ValueError(f"every component of the state needs the same leading replica axis, got "
                          f"{[tuple(x.shape) for x in state]}")
+    layout = _Layout(state)
     times = torch.as_tensor(times, dtype=torch.float64).reshape(-1).to(device)
     if times.numel() < 2 or not bool((times[1:] > times[:-1]).all()):
         raise ValueError(f"times={times.tolist()} must hold at least two strictly increasing times")
@@ -195,20 +198,21 @@ def dopri5(
     h0 = _as_replica_tensor(first_step, B, "first_step", device)
     evaluations = 0
 
-    def f(y: State) -> State:
+    def f(y: Tensor) -> Tensor:
         nonlocal evaluations
         evaluations += 1
-        return tuple(velocity(y))
+        return layout.flat(velocity(layout.split(y)))
 
+    y0 = layout.flat(state)
     full = lambda value, dtype: torch.full((B,), value, dtype=dtype, device=device)  # noqa: E731
-    home = _Replicas(tuple(x.clone() for x in state), tuple(torch.zeros_like(x) for x in state),
-                     t=full(float(times[0]), torch.float64), h=full(0.0, torch.float64) if h0 is None else h0,
-                     err_prev=full(1e-4, torch.float64), after_reject=full(False, torch.bool),
-                     failed=full(False, torch.bool), next_output=full(1, torch.long),
-                     accepted=full(0, torch.long), rejected=full(0, torch.long), evals=full(0, torch.long))
+    home = _Replicas(y=y0.clone(), k1=torch.zeros_like(y0), t=full(float(times[0]), torch.float64),
+                     h=full(0.0, torch.float64) if h0 is None else h0, err_prev=full(1e-4, torch.float64),
+                     after_reject=full(False, torch.bool), failed=full(False, torch.bool),
+                     next_output=full(1, torch.long), accepted=full(0, torch.long), rejected=full(0, torch.long),
+                     evals=full(0, torch.long))
     # every output time starts as the initial state: right for frozen replicas; the others'
     # rows are all overwritten as they land (a failed replica's by its last state, below)
-    outputs = tuple(x.unsqueeze(0).repeat(len(times), *[1] * x.ndim) for x in state)
+    outputs = y0.unsqueeze(0).repeat(len(times), 1, 1)
     live = (~frozen).nonzero().flatten()
     if live.numel():
         work = home.gather(live)
@@ -219,32 +223,33 @@ def dopri5(
             work.evals += 1
         _integrate(f, home, live, work, times, outputs, rtol, atol, controller, compact, max_iterations)
     for b in home.failed.nonzero().flatten().tolist():
-        for x, out in zip(home.y, outputs):
-            out[int(home.next_output[b]):, b] = x[b]
-    return Solution(outputs, evaluations, home.accepted, home.rejected, home.evals, home.h, home.failed)
+        outputs[int(home.next_output[b]):, b] = home.y[b]
+    states = tuple(x.contiguous() for x in layout.split(outputs))
+    return Solution(states, evaluations, home.accepted, home.rejected, home.evals, home.h, home.failed)
 
 
 def _initial_step(f, work: _Replicas, rtol: float, atol: float, span: float) -> Tensor:
     """Hairer, Nørsett & Wanner's starting step, per replica: h with ‖h f‖ ≈ 1 % of ‖y‖, then
     h such that the local error of an order-5 step with the observed ‖f'‖ would be ≈ 0.01."""
     y0, f0 = work.y, work.k1
-    scale = [atol + rtol * y.abs() for y in y0]
-    d0 = _rms([y / s for y, s in zip(y0, scale)])
-    d1 = _rms([k / s for k, s in zip(f0, scale)])
+    scale = atol + rtol * y0.abs()
+    d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     h0 = h0.clamp_max(span)
-    f1 = f(_axpy(y0, h0, [1.0], [f0]))
-    d2 = _rms([(a - b) / s for a, b, s in zip(f1, f0, scale)]) / h0
+    f1 = f(torch.addcmul(y0, _row(h0), f0))
+    d2 = _rms((f1 - f0) / scale) / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, (h0 * 1e-3).clamp_min(1e-6), (0.01 / dmax.clamp_min(1e-300)) ** (1 / ORDER))
     h = torch.minimum(100 * h0, h1)
     return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))
 
 
-def _integrate(f, home: _Replicas, index: Tensor, work: _Replicas, times: Tensor, outputs: State, rtol: float,
+def _integrate(f, home: _Replicas, index: Tensor, work: _Replicas, times: Tensor, outputs: Tensor, rtol: float,
                atol: float, controller: Controller, compact: bool, budget: int) -> None:
     """Step the replicas `index` of `home` (gathered as `work`) through all output times."""
     last = len(times) - 1
+    tableau = torch.tensor([list(row) + [0.0] * (STAGES - len(row)) for row in A] + [list(E)],
+                           dtype=work.y.dtype, device=work.y.device)
     iterations = 0
     while True:
         moving = (work.next_output <= last) & ~work.failed
@@ -260,30 +265,31 @@ def _integrate(f, home: _Replicas, index: Tensor, work: _Replicas, times: Tensor
         if iterations > budget:
             raise RuntimeError(f"dopri5 took more than {budget} steps: raise max_iterations or loosen rtol/atol")
         slot = work.next_output.clamp_max(last)
-        landed = _step(f, work, moving, times[slot], rtol, atol, controller)
-        for x, out in zip(work.y, outputs):
-            out[slot, index] = torch.where(landed.view(-1, *[1] * (x.ndim - 1)), x, out[slot, index])
+        landed = _step(f, work, moving, times[slot], rtol, atol, controller, tableau)
+        outputs[slot, index] = torch.where(_row(landed), work.y, outputs[slot, index])
         work.next_output += landed
     home.scatter(index, work)
 
 
-def _step(f, r: _Replicas, moving: Tensor, target: Tensor, rtol: float, atol: float,
-          controller: Controller) -> Tensor:
+def _step(f, r: _Replicas, moving: Tensor, target: Tensor, rtol: float, atol: float, controller: Controller,
+          tableau: Tensor) -> Tensor:
     """One Dormand–Prince step of every moving replica with its own h towards its own target
     time (in place on r); returns which replicas landed on their target."""
     # land on the output time: take the remainder when the step reaches it, or nearly does
     # (Hairer's 1.01: no sliver of a step left over); t is then set to target exactly
     lands = r.t + 1.01 * r.h >= target
     h = torch.where(moving, torch.where(lands, target - r.t, r.h), torch.zeros_like(r.h))
-    ks = [r.k1]
-    for i in range(1, len(C)):
-        ks.append(f(_axpy(r.y, h, A[i], ks)))
-    y1 = _axpy(r.y, h, A[-1], ks[:-1])       # b = last row of A; the 7th stage is f(y1)
-    error = _axpy([torch.zeros_like(x) for x in r.y], h, E, ks)
-    ratio = _rms([e / (atol + rtol * torch.maximum(a.abs(), b.abs())) for e, a, b in zip(error, r.y, y1)])
-    finite = torch.isfinite(ratio)
-    for x in y1:                              # |y1| = inf can still give a finite ratio
-        finite &= torch.isfinite(x).flatten(1).all(1)
+    hv = _row(h.to(r.y.dtype))
+    k = r.y.new_empty((STAGES, *r.y.shape))
+    k[0] = r.k1
+    for i in range(1, STAGES):
+        # y + h Σ_j a_ij k_j as one contraction over the stages so far
+        k[i] = f(torch.addcmul(r.y, hv, torch.tensordot(tableau[i, :i], k[:i], dims=1)))
+    y1 = torch.addcmul(r.y, hv, torch.tensordot(tableau[STAGES - 1, :STAGES - 1], k[:STAGES - 1], dims=1))
+    error = hv * torch.tensordot(tableau[STAGES], k, dims=1)
+    ratio = _rms(error / (atol + rtol * torch.maximum(r.y.abs(), y1.abs())))
+    # |y1| = inf can still give a finite ratio
+    finite = torch.isfinite(ratio) & torch.isfinite(y1).all(1)
     accept = moving & finite & (ratio <= 1.0)
     reject = moving & ~accept
     grow, shrink = controller.factors(torch.where(finite, ratio, torch.full_like(ratio, 1e10)), r.err_prev,
@@ -292,8 +298,8 @@ def _step(f, r: _Replicas, moving: Tensor, target: Tensor, rtol: float, atol: fl
     landed = accept & lands
     # a step cut short to land keeps the longer step it was cut from for what follows
     h_next = torch.where(landed, torch.maximum(h_next, r.h), h_next)
-    r.y = _where(accept, y1, r.y)
-    r.k1 = _where(accept, ks[-1], r.k1)
+    r.y = torch.where(_row(accept), y1, r.y)
+    r.k1 = torch.where(_row(accept), k[STAGES - 1], r.k1)
     r.t = torch.where(landed, target, torch.where(accept, r.t + h, r.t))
     r.err_prev = torch.where(accept, ratio.clamp_min(1e-4), r.err_prev)
     r.after_reject = torch.where(moving, reject, r.after_reject)
