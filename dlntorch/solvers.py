@@ -21,8 +21,8 @@ and accept any number of rows (it is called on subsets); a closed-form gradient 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -140,10 +140,10 @@ class _Replicas:
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f) for f in self.FIELDS]
 
-    def gather(self, index: Tensor) -> "_Replicas":
+    def gather(self, index: Tensor) -> _Replicas:
         return _Replicas(**{f: x.index_select(0, index) for f, x in zip(self.FIELDS, self.tensors())})
 
-    def scatter(self, index: Tensor, part: "_Replicas") -> None:
+    def scatter(self, index: Tensor, part: _Replicas) -> None:
         for home, x in zip(self.tensors(), part.tensors()):
             home.index_copy_(0, index, x)
 

@@ -607,7 +607,8 @@ def section_flows(quick: bool) -> dict:
     row("5 flows", f"per-replica steps: batched ∇E evaluations / most of {alone_count} replicas alone",
         per.evaluations / worst_alone, "x", "≤ 1.5x", per.evaluations / worst_alone <= 1.5,
         note=f"{per.evaluations} vs {worst_alone} (alone: median {int(np.median(alone))}); shared steps: "
-             f"{shared_evals} = {shared_evals / worst_alone:.1f}x; {len(times)} output times to t = {float(times[-1]):g}")
+             f"{shared_evals} = {shared_evals / worst_alone:.1f}x; {len(times)} output times "
+             f"to t = {float(times[-1]):g}")
     row("5 flows", f"B={B} wall time: shared / per-replica steps", shared_wall / t_per, "x", "≥ 5x",
         shared_wall / t_per >= 5, note=f"{shared_wall:.1f} s vs {t_per:.2f} s")
     errors = {"per_replica": _error_in_scales(per.states, reference, rtol, atol),
