@@ -282,11 +282,16 @@ def _step(f, r: _Replicas, moving: Tensor, target: Tensor, rtol: float, atol: fl
     hv = _row(h.to(r.y.dtype))
     k = r.y.new_empty((STAGES, *r.y.shape))
     k[0] = r.k1
+    flat = k.view(STAGES, -1)
+
+    def combine(weights: Tensor, stages: int) -> Tensor:
+        # Σ_j w_j k_j over the first `stages` stages as one (1 x stages)(stages x nD) product
+        return (weights[:stages] @ flat[:stages]).view_as(r.y)
+
     for i in range(1, STAGES):
-        # y + h Σ_j a_ij k_j as one contraction over the stages so far
-        k[i] = f(torch.addcmul(r.y, hv, torch.tensordot(tableau[i, :i], k[:i], dims=1)))
-    y1 = torch.addcmul(r.y, hv, torch.tensordot(tableau[STAGES - 1, :STAGES - 1], k[:STAGES - 1], dims=1))
-    error = hv * torch.tensordot(tableau[STAGES], k, dims=1)
+        k[i] = f(torch.addcmul(r.y, hv, combine(tableau[i], i)))
+    y1 = torch.addcmul(r.y, hv, combine(tableau[STAGES - 1], STAGES - 1))
+    error = hv * combine(tableau[STAGES], STAGES)
     ratio = _rms(error / (atol + rtol * torch.maximum(r.y.abs(), y1.abs())))
     # |y1| = inf can still give a finite ratio
     finite = torch.isfinite(ratio) & torch.isfinite(y1).all(1)
