@@ -32,7 +32,8 @@ Velocity = Callable[[State], Sequence[Tensor]]
 
 # Dormand–Prince 5(4): nodes c, stage matrix a (row i: the weights of k_1..k_i in stage i+1), the
 # 5th-order weights b = the last row of a (the 7th stage is f(y₁): the next step's first, FSAL)
-# and the error weights e = b₅ − b₄.
+# and the error weights e = b₅ − b₄. The velocity is autonomous (the flows' ∇E does not depend on
+# t), so the nodes c only document the tableau and count its stages.
 C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 A = (
     (),
