@@ -20,7 +20,7 @@ Sections (CPU unless said):
      peak memory per replica (torch.cuda.max_memory_allocated). Prints 'skipped: no CUDA' otherwise.
   5  exact flows, seed 2x2, depth 3, dopri5 at rtol 1e-10 / atol 1e-12 to t = 200 on the flow's
      logged grid, B = 1024: batched ∇E evaluations and wall time of a step size per replica
-     (dlntorch.solvers) against one shared step (torchdiffeq, dlntorch.flows), against the most
+     (dlntorch.solvers) against one shared step (torchdiffeq, dlntorch.dynamics.flows), against the most
      any of 32 replicas needs alone, and each replica's error against a tight reference;
      torchode (per-instance steps, dense output) alongside when it is installed.
 
@@ -528,7 +528,7 @@ FLOW = ["task=seed2x2", "model.depth=3", "optim=flow", "run.time=200"]   # dopri
 
 def _flow_problem(B: int):
     """The flow run's start (its default init, B replicas), its ∇E and its logged times up to t = 200."""
-    from dlntorch.flows import upstairs_velocity
+    from dlntorch.dynamics.flows import upstairs_velocity
     lab = make_lab(*FLOW, f"replicas={B}", out=f"flow{B}")
     factors = tuple(f.detach().clone() for f in lab.net.factors)
     times = torch.as_tensor(lab.cfg.optim.lr * np.asarray(lab.grid, dtype=np.float64))
@@ -575,7 +575,7 @@ def _torchode_flow(factors, times, velocity, rtol: float, atol: float):
 
 def section_flows(quick: bool) -> dict:
     """A step size per replica against one shared step, on the flow run's own grid."""
-    from dlntorch.flows import integrate_upstairs
+    from dlntorch.dynamics.flows import integrate_upstairs
     from dlntorch.solvers import dopri5
     B, alone_count, repeats = (256, 8, 1) if quick else (1024, 32, 3)
     rtol, atol = 1e-10, 1e-12

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dlntorch.flows import upstairs_velocity
+from dlntorch.dynamics.flows import upstairs_velocity
 from dlntorch.network import chain
 from dlntorch.solvers import Controller, dopri5
 from dlntorch.tasks import Seed2x2
