@@ -18,6 +18,11 @@ Sections (CPU unless said):
   4  --device cuda (or auto on a CUDA machine): replica-steps/s on the 2x2 task for B up to 2^20,
      eager and with CUDA graphs, modelled memory traffic against --peak-bandwidth (H200: 4.3 TB/s),
      peak memory per replica (torch.cuda.max_memory_allocated). Prints 'skipped: no CUDA' otherwise.
+  5  exact flows, seed 2x2, depth 3, dopri5 at rtol 1e-10 / atol 1e-12 to t = 200 on the flow's
+     logged grid, B = 1024: batched ∇E evaluations and wall time of a step size per replica
+     (dlntorch.solvers) against one shared step (torchdiffeq, dlntorch.dynamics.flows), against the most
+     any of 32 replicas needs alone, and each replica's error against a tight reference;
+     torchode (per-instance steps, dense output) alongside when it is installed.
 
     python scripts/bench.py --quick                  # smoke run, well under a minute
     python scripts/bench.py --json outputs/bench.json  # the full table (a few minutes on 2 cores)
@@ -46,7 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="section 4 runs on CUDA when this is cuda or auto and CUDA is present")
-    ap.add_argument("--sections", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    ap.add_argument("--sections", default="1,2,3,4,5", help="comma-separated subset of 1,2,3,4,5")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; quick 3)")
     ap.add_argument("--memory-budget-gb", type=float, default=8.0, help="CPU memory budget for 'largest B'")
     ap.add_argument("--peak-bandwidth", type=float, default=4.3e12, help="the card's memory bandwidth, B/s")
@@ -516,6 +521,125 @@ def replica_sweep(dev: torch.device, Bs: list[int], repeats: int, chunk_s: float
     return out
 
 
+# ------------------------------------------------------------------------------ section 5
+
+FLOW = ["task=seed2x2", "model.depth=3", "optim=flow", "run.time=200"]   # dopri5, rtol 1e-10, atol 1e-12
+
+
+def _flow_problem(B: int):
+    """The flow run's start (its default init, B replicas), its ∇E and its logged times up to t = 200."""
+    from dlntorch.dynamics.flows import upstairs_velocity
+    lab = make_lab(*FLOW, f"replicas={B}", out=f"flow{B}")
+    factors = tuple(f.detach().clone() for f in lab.net.factors)
+    times = torch.as_tensor(lab.cfg.optim.lr * np.asarray(lab.grid, dtype=np.float64))
+    times = torch.unique(torch.cat([torch.zeros(1, dtype=torch.float64), times]))
+    velocity = lambda state: upstairs_velocity(list(state), lab.task.gradient)  # noqa: E731
+    return lab, factors, times, velocity
+
+
+def _error_in_scales(states, reference, rtol: float, atol: float) -> torch.Tensor:
+    """Per replica: max over times and entries of |y − y_ref| / (atol + rtol |y_ref|)."""
+    worst = [((x - r).abs() / (atol + rtol * r.abs())).flatten(2).amax(2).amax(0) for x, r in zip(states, reference)]
+    return torch.stack(worst).amax(0)
+
+
+def _torchode_flow(factors, times, velocity, rtol: float, atol: float):
+    """torchode's Dopri5 with its per-instance integral controller on the flattened factors;
+    outputs at `times` by its dense-output interpolation. None when torchode is absent."""
+    try:
+        import torchode
+    except ImportError:
+        return None
+    shapes = [f.shape[1:] for f in factors]
+    sizes = [s.numel() for s in shapes]
+    calls = 0
+
+    def rhs(t, y):
+        nonlocal calls
+        calls += 1
+        parts = [p.reshape(-1, *s) for p, s in zip(y.split(sizes, 1), shapes)]
+        return torch.cat([v.flatten(1) for v in velocity(parts)], 1)
+
+    term = torchode.ODETerm(rhs)
+    solver = torchode.AutoDiffAdjoint(torchode.Dopri5(term=term),
+                                      torchode.IntegralController(atol=atol, rtol=rtol, term=term), max_steps=10 ** 6)
+    y0 = torch.cat([f.flatten(1) for f in factors], 1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sol = solver.solve(torchode.InitialValueProblem(y0=y0, t_eval=times.expand(len(y0), -1).contiguous()))
+    wall = time.perf_counter() - t0
+    ys = sol.ys.transpose(0, 1)
+    states = [p.reshape(len(times), -1, *s) for p, s in zip(ys.split(sizes, 2), shapes)]
+    return {"evaluations": calls, "wall_s": wall, "states": states, "ok": bool((sol.status == 0).all())}
+
+
+def section_flows(quick: bool) -> dict:
+    """A step size per replica against one shared step, on the flow run's own grid."""
+    from dlntorch.dynamics.flows import integrate_upstairs
+    from dlntorch.solvers import dopri5
+    B, alone_count, repeats = (256, 8, 1) if quick else (1024, 32, 3)
+    rtol, atol = 1e-10, 1e-12
+    print(f"\n[5] exact flows, seed 2x2, depth 3, dopri5 rtol {rtol:g} atol {atol:g}, t ≤ 200, B = {B}", flush=True)
+    lab, factors, times, velocity = _flow_problem(B)
+    alone = [dopri5(velocity, [f[b:b + 1] for f in factors], times, rtol=rtol, atol=atol).evaluations
+             for b in range(alone_count)]
+    # the accuracy a replica had before, on its own: torchdiffeq at B = 1 (a shared step shared with
+    # nobody); inside a batch a shared step is set by the hardest replica and over-resolves the rest
+    shared_alone = [integrate_upstairs([f[b:b + 1] for f in factors], lab.task.gradient, times, rtol=rtol,
+                                       atol=atol)[0] for b in range(alone_count)]
+    shared_alone = [torch.cat([path[p] for path in shared_alone], 1) for p in range(len(factors))]
+    per_wall, per = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        per = dopri5(velocity, factors, times, rtol=rtol, atol=atol)
+        per_wall.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()        # ~45 s at B = 1024: once; other tenants only ever add time
+    shared_path, shared_evals = integrate_upstairs(factors, lab.task.gradient, times, rtol=rtol, atol=atol)
+    shared_wall = time.perf_counter() - t0
+    reference = dopri5(velocity, factors, times, rtol=rtol * 1e-3, atol=atol * 1e-3).states
+    t_per = min(per_wall)
+    worst_alone = max(alone)
+    out = {"B": B, "output_times": len(times), "per_replica": {
+        "evaluations": per.evaluations, "wall_s": per_wall, "accepted_max": int(per.accepted.max()),
+        "rejected_total": int(per.rejected.sum()), "failed": int(per.failed.sum())},
+        "shared": {"evaluations": shared_evals, "wall_s": shared_wall},
+        "alone_evaluations": alone, "alone_max": worst_alone}
+    row("5 flows", f"per-replica steps: batched ∇E evaluations / most of {alone_count} replicas alone",
+        per.evaluations / worst_alone, "x", "≤ 1.5x", per.evaluations / worst_alone <= 1.5,
+        note=f"{per.evaluations} vs {worst_alone} (alone: median {int(np.median(alone))}); shared steps: "
+             f"{shared_evals} = {shared_evals / worst_alone:.1f}x; {len(times)} output times "
+             f"to t = {float(times[-1]):g}")
+    row("5 flows", f"B={B} wall time: shared / per-replica steps", shared_wall / t_per, "x", "≥ 5x",
+        shared_wall / t_per >= 5, note=f"{shared_wall:.1f} s vs {t_per:.2f} s")
+    errors = {"per_replica": _error_in_scales(per.states, reference, rtol, atol),
+              "shared": _error_in_scales(shared_path, reference, rtol, atol)}
+    first = [x[:, :alone_count] for x in reference]
+    mine_first = _error_in_scales([x[:, :alone_count] for x in per.states], first, rtol, atol)
+    theirs_first = _error_in_scales(shared_alone, first, rtol, atol)
+    ratio = float(mine_first.max() / theirs_first.max())
+    out["error_first_replicas"] = {"per_replica": mine_first.tolist(), "torchdiffeq_alone": theirs_first.tolist()}
+    row("5 flows", f"accuracy of {alone_count} replicas: worst error per-replica in the batch / torchdiffeq alone",
+        ratio, "x", "≤ 2x (unchanged)", ratio <= 2.0,
+        note=f"{float(mine_first.max()):.3g} vs {float(theirs_first.max()):.3g} in units of atol + rtol|y_ref| "
+             f"(medians {float(mine_first.median()):.2g} vs {float(theirs_first.median()):.2g})")
+    tode = _torchode_flow(factors, times, velocity, rtol, atol)
+    if tode is None:
+        row("5 flows", "torchode (per-instance steps): not installed", "skipped", "")
+    else:
+        errors["torchode"] = _error_in_scales(tode["states"], reference, rtol, atol)
+        out["torchode"] = {k: tode[k] for k in ("evaluations", "wall_s", "ok")}
+        row("5 flows", f"B={B} wall time: torchode / per-replica steps", tode["wall_s"] / t_per, "x",
+            note=f"{tode['wall_s']:.2f} s, {tode['evaluations']} evaluations (it steps past the output times and "
+                 f"interpolates; ours lands on them)")
+    for name, e in errors.items():
+        q = torch.quantile(e, torch.tensor([0.5, 0.99], dtype=e.dtype)).tolist()
+        out.setdefault("error_in_scales", {})[name] = {"median": q[0], "p99": q[1], "max": float(e.max())}
+        row("5 flows", f"{name}: error vs reference (rtol·1e-3), in units of atol + rtol|y|, worst replica",
+            float(e.max()), "", note=f"median {q[0]:.2g}, 99th percentile {q[1]:.2g}; a global error, so "
+                                     f"a few tens of the per-step scale over ~600 steps")
+    return out
+
+
 # ------------------------------------------------------------------------------ main
 
 def machine() -> dict:
@@ -553,6 +677,8 @@ def main() -> int:
         details["memory"] = section_memory(quick)
     if "4" in sections:
         details["cuda"] = section_cuda(repeats, chunk_s, quick)
+    if "5" in sections:
+        details["flows"] = section_flows(quick)
     wall = time.perf_counter() - started
     print()
     print_table(ROWS)
