@@ -207,3 +207,62 @@ def test_piecewise_integration_and_evaluation_counts():
     assert evals == 16 and down.shape == (2, 2, 3, 3)
     with pytest.raises(ValueError, match="method"):
         integrate_upstairs(factors, grad_fn, [0.0, 1.0], method="leapfrog")
+
+
+# ---------------------------------------------------------------- step control in the run loop
+
+def flow_run(make_cfg, *overrides, out):
+    from dlntorch.train import run
+    return run(make_cfg("init.scale=0.3", "replicas=16", "run.time=20", "run.stop_energy=0",
+                        "run.log_points=20", *overrides, out=out))
+
+
+@pytest.mark.parametrize("optim", ["flow", "downstairs"])
+def test_per_replica_and_shared_step_control_reach_the_same_states(make_cfg, optim):
+    """Both integrate every replica to rtol 1e-10 / atol 1e-12 (the default): over t = 20 the global
+    error of each stays a few hundred times the local tolerance, so they agree to ~1e-7."""
+    own = flow_run(make_cfg, f"optim={optim}", out="own")
+    shared = flow_run(make_cfg, f"optim={optim}", "optim.step_control=shared", out="shared")
+    for key in ("w12", "w21", "energy"):
+        a, b = torch.tensor(own["final"][key]), torch.tensor(shared["final"][key])
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    # with one step for all, the hardest replica sets every replica's step
+    assert own["gradient_evaluations"] < shared["gradient_evaluations"]
+
+
+def test_per_replica_control_needs_the_adaptive_method(make_cfg):
+    from dlntorch.errors import ConfigError
+    from dlntorch.train import run
+    with pytest.raises(ConfigError, match=r"^optim.step_control='per_replica' is not allowed: it needs the "
+                                          r"adaptive method dopri5"):
+        run(make_cfg("optim=flow", "optim.method=rk4", "optim.step_control=per_replica"))
+
+
+def test_a_per_replica_flow_resumed_midway_follows_the_same_trajectory(make_cfg):
+    """The checkpointed state carries each replica's next step: resuming integrates on from it,
+    to the solver's tolerance (not bit for bit: the resumed call lands on a window end)."""
+    from dlntorch.dynamics import build_dynamics
+    from dlntorch.network import DeepLinearNetwork
+    from dlntorch.tasks import build_task
+    cfg = make_cfg("optim=flow", "replicas=8")
+    task = build_task(cfg.task, 0)
+
+    def fresh():
+        net = DeepLinearNetwork([2, 2, 2, 2], 8)
+        net.set_factors([0.3 * torch.randn(8, 2, 2, generator=gen(s)) for s in range(3)])
+        dyn = build_dynamics(cfg, net, task, 0)
+        dyn.plan(list(range(20, 401, 20)))
+        return dyn
+
+    whole = fresh()
+    for _ in range(20):
+        whole.advance(20)
+    first = fresh()
+    for _ in range(10):
+        first.advance(20)
+    second = fresh()
+    second.load_state_dict(first.state_dict())
+    for _ in range(10):
+        second.advance(20)
+    for a, b in zip(whole.factors(), second.factors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)

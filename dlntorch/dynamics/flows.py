@@ -152,19 +152,23 @@ def integrate_downstairs(
     meaningful there. Returns (trajectory (T, B, d_N, d_0), ∇E evaluations); other arguments as
     in `integrate_upstairs`.
     """
+    scale = clock_scale(N, time_scale)
+    W0 = W0.detach()
+    times = _time_grid(times, W0)
+    rhs = _Counted(lambda W: scale * downstairs_velocity(W, grad_fn, N))
+    return _solve(rhs, W0, times, method, rtol, atol, step_size, first_step), rhs.calls
+
+
+def clock_scale(N: Depth, time_scale: str) -> float:
+    """The factor of −A_N(∇E) in the clock: 1 in raw time t, 1/N in τ = N t (1 at N = inf, where
+    A_∞ is already the limit of A_N/N and only τ is meaningful)."""
     if time_scale not in ("raw", "per_depth"):
         raise ValueError(f"time_scale={time_scale!r} must be 'raw' or 'per_depth'")
     if is_infinite_depth(N):
         if time_scale == "raw":
             raise ValueError("depth N=inf needs time_scale='per_depth' (A_N grows like N in raw time)")
-        scale = 1.0
-    else:
-        N = as_depth(N)
-        scale = 1.0 if time_scale == "raw" else 1.0 / N
-    W0 = W0.detach()
-    times = _time_grid(times, W0)
-    rhs = _Counted(lambda W: scale * downstairs_velocity(W, grad_fn, N))
-    return _solve(rhs, W0, times, method, rtol, atol, step_size, first_step), rhs.calls
+        return 1.0
+    return 1.0 if time_scale == "raw" else 1.0 / as_depth(N)
 
 
 # ------------------------------------------------------------------ the run loop's adapters
@@ -176,14 +180,18 @@ class _FlowDynamics(Dynamics):
     """Shared by the flows: t = lr × step on the same grid as the step-based dynamics, pausing
     only at logged times (an ODE solver needs no stop checks in between).
 
-    One solver call spans the next WINDOW pauses and the states at those times are kept, so the
-    adaptive solver does not restart (a fresh step selection, a ramp-up and an overshot last step)
-    at every logged time; it also starts each window with the step size it last used. Frozen
+    Step control (optim.step_control): `per_replica` (the default for dopri5) gives each replica
+    its own t, step size and error control (dlntorch.solvers), so the hardest replica no longer
+    sets the step for all; `shared` is one torchdiffeq step for all replicas, whose error norm is
+    the worst replica's. One solver call spans many pauses and the states at those times are kept,
+    so the adaptive solver does not restart (a fresh step selection, a ramp-up and an overshot
+    last step) at every logged time; it also starts each call with the step size(s) it last used. Frozen
     (diverged) replicas get zero velocity and a zero state, so they cannot spoil the solver's
     error norm; they report NaN. A resumed flow continues from its checkpointed state with fresh
     windows: the same trajectory to the solver's tolerance, not bit for bit."""
 
     step_based = False
+    PER_REPLICA_BYTES = 1 << 28     # states kept ahead by one per-replica call (T · B · D · 8 bytes)
 
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task, state: tuple[Tensor, ...]):
         super().__init__(cfg.optim.lr)
@@ -191,15 +199,42 @@ class _FlowDynamics(Dynamics):
         self.solver = dict(method=cfg.optim.method, rtol=cfg.optim.rtol, atol=cfg.optim.atol,
                            step_size=cfg.optim.lr if cfg.optim.method in FIXED_STEP else None)
         self.adaptive = cfg.optim.method in ADAPTIVE
-        self.first_step: float | None = None
+        self.per_replica = step_control(cfg.optim) == "per_replica"
+        self.first_step: float | Tensor | None = None    # a (B,) tensor under per-replica control
         self.dead = torch.zeros(net.replicas, dtype=torch.bool, device=net.factors[0].device)
         self.pauses: list[int] = []
         self.ahead: dict[int, tuple[Tensor, ...]] = {}   # states already integrated, by step
 
     # -- what a flow defines -----------------------------------------------------------------
     def integrate(self, state: tuple[Tensor, ...], times: list[float], options: dict) -> list[tuple[Tensor, ...]]:
-        """The states at times[1:], counting gradient evaluations."""
+        """The states at times[1:], counting gradient evaluations (one step for all replicas)."""
         raise NotImplementedError
+
+    def velocity(self, state: tuple[Tensor, ...]) -> list[Tensor]:
+        """d(state)/dt for any subset of the replicas' rows (per-replica step control)."""
+        raise NotImplementedError
+
+    def integrate_per_replica(self, state: tuple[Tensor, ...], times: list[float]) -> list[tuple[Tensor, ...]]:
+        """Each replica with its own t, step and error control (dlntorch.solvers.dopri5); frozen
+        replicas cost nothing, and one whose step collapses is handed to the loop as diverged."""
+        from ..solvers import dopri5
+        solution = dopri5(self.velocity, state, times, rtol=self.solver["rtol"], atol=self.solver["atol"],
+                          first_step=self.first_step, frozen=self.dead)
+        self.gradient_evaluations += solution.evaluations
+        self.first_step = solution.step
+        failed = solution.failed.view(1, -1, *[1] * (state[0].ndim - 1))
+        states = [torch.where(failed, torch.nan, x) for x in solution.states]
+        return [tuple(x[k] for x in states) for k in range(1, len(times))]
+
+    def window(self) -> list[int]:
+        """The pauses one solver call integrates through: WINDOW of them under a shared step; under
+        per-replica control as many as fit in PER_REPLICA_BYTES, since every window end makes all
+        replicas wait for the hardest one."""
+        ahead = [p for p in self.pauses if p > self.step]
+        if not self.per_replica:
+            return ahead[:WINDOW]
+        size = sum(x.numel() for x in self.state) * self.state[0].element_size()
+        return ahead[:max(WINDOW, self.PER_REPLICA_BYTES // max(size, 1))]
 
     # -- the loop's interface ----------------------------------------------------------------
     def plan(self, pauses) -> None:
@@ -208,13 +243,16 @@ class _FlowDynamics(Dynamics):
     def advance(self, steps: int) -> None:
         target = self.step + steps
         if target not in self.ahead:
-            window = [p for p in self.pauses if p > self.step][:WINDOW]
+            window = self.window()
             if target not in window:         # a pause the plan did not announce
                 window = [target]
             times = [self.time(self.step)] + [self.time(p) for p in window]
-            calls = self.gradient_evaluations
-            self.ahead = dict(zip(window, self.integrate(self.state, times, self.options())))
-            self.carry_step(times, self.gradient_evaluations - calls)
+            if self.per_replica:
+                self.ahead = dict(zip(window, self.integrate_per_replica(self.state, times)))
+            else:
+                calls = self.gradient_evaluations
+                self.ahead = dict(zip(window, self.integrate(self.state, times, self.options())))
+                self.carry_step(times, self.gradient_evaluations - calls)
         self.state = self.ahead.pop(target)
         self.ahead = {p: s for p, s in self.ahead.items() if p > target}
         self.step = target
@@ -280,6 +318,13 @@ class UpstairsFlow(_FlowDynamics):
             columns.append(down)
         return [tuple(x[k] for x in columns) for k in range(1, len(times))]
 
+    def velocity(self, state):
+        v = upstairs_velocity(state[:self.N], self.task.gradient)
+        if self.compare:      # one step sequence per replica for both flows
+            self.downstairs_evaluations += 1
+            v.append(downstairs_velocity(state[self.N], self.task.gradient, self.N))
+        return v
+
     def advance(self, steps: int) -> None:
         super().advance(steps)
         self.net.set_factors(self.state[:self.N])
@@ -321,6 +366,9 @@ class DownstairsFlow(_FlowDynamics):
     def depth(self) -> Depth:
         return self.N
 
+    def velocity(self, state):
+        return [clock_scale(self.N, self.time_scale) * downstairs_velocity(state[0], self.task.gradient, self.N)]
+
     def integrate(self, state, times, options):
         path, calls = integrate_downstairs(state[0], self.gradient, times, self.N,
                                            time_scale=self.time_scale, **options)
@@ -341,6 +389,7 @@ class FlowConfig:
     method: str = "dopri5"              # dopri5 (adaptive) | rk4 (fixed step = lr)
     rtol: float = 1e-10
     atol: float = 1e-12
+    step_control: Optional[str] = None  # dopri5: per_replica (default) | shared (one step for all replicas)
     compare_downstairs: bool = False    # integrate the downstairs flow alongside
 
 
@@ -351,14 +400,27 @@ class DownstairsConfig:
     method: str = "dopri5"
     rtol: float = 1e-10
     atol: float = 1e-12
+    step_control: Optional[str] = None  # dopri5: per_replica (default) | shared (one step for all replicas)
     depth: Optional[str] = None         # N as an int or "inf"; None = model depth
     time_scale: str = "auto"            # raw (t) | per_depth (τ = N t) | auto (per_depth at N = inf)
+
+
+def step_control(optim: Any) -> str:
+    """per_replica for the adaptive method unless `shared` is asked; rk4's fixed steps are shared."""
+    if optim.step_control is not None:
+        return optim.step_control
+    return "per_replica" if optim.method in ADAPTIVE else "shared"
 
 
 def _check_solver(cfg: Any) -> None:
     one_of("optim.method", cfg.optim.method, ("dopri5", "rk4"))
     positive_finite("optim.rtol", cfg.optim.rtol)
     positive_finite("optim.atol", cfg.optim.atol)
+    if cfg.optim.step_control is not None:
+        one_of("optim.step_control", cfg.optim.step_control, ("per_replica", "shared"))
+        if cfg.optim.step_control == "per_replica" and cfg.optim.method not in ADAPTIVE:
+            fail("optim.step_control", "per_replica", f"it needs the adaptive method dopri5, not "
+                 f"optim.method={cfg.optim.method}, whose fixed steps are one grid for all replicas")
 
 
 def _check_flow(cfg: Any) -> None:
