@@ -73,7 +73,7 @@ def plot(book, rows, portraits, depths, extents, points) -> None:
     fig, axes = slide_axes(1, 4, width=4.6, height=4.4)
     depth, extent = depths[-1], extents[-1]
     for ax, name in zip(axes[0, :3], SLICES):
-        a, b, det = portraits[(name, extent, depth)]
+        _, _, det = portraits[(name, extent, depth)]
         image = ax.imshow(det.reshape(points, points), origin="lower", cmap="RdBu_r", vmin=-1.5, vmax=1.5,
                           extent=(-extent, extent, -extent, extent))
         line = np.array([-extent, extent])
