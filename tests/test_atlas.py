@@ -141,7 +141,6 @@ def test_p9_rank_jumps_quick(tmp_path):
 def test_p1_low_rank_quick_depth_one_is_the_closed_form(tmp_path):
     """The depth-1 rank-one fraction of the lab equals the closed-form linear flow's for the same
     initial conditions, drawn again here from the run's own config through the init module."""
-    import torch
     from dlntorch.atlas.p1_low_rank import THRESHOLD, closed_form_depth1_ratio
     from dlntorch.config import as_config, derive_seeds
     from dlntorch.init import initial_factors

@@ -25,9 +25,10 @@ from .common import Notebook, slide_axes, wilson_interval
 THRESHOLD, STRICT = 1e-2, 1e-4
 CONVERGED = 1e-10
 # The exact flow shares one adaptive step over the replicas, so a cell costs replicas × the steps
-# its stiffest replica needs: 500 a cell keeps the full grid near half an hour on 2 cores
-# (measured: 500 replicas at product scale 1e-2 took 4, 8, 12, 19, 85, 235 s at N = 1, 2, 3, 4, 6, 8);
-# the 2000 a cell takes about four times as long.
+# its stiffest replica needs. Measured with 500 replicas: 4, 8, 12, 19, 85, 235 s at N = 1, 2, 3,
+# 4, 6, 8 and product scale 1e-2, but 146 s at N = 3 and over 9 minutes at N = 4 at scale 1, and
+# over 6 minutes at N = 6, scale 1e-4: the full grid takes hours, not half an hour (the issue's
+# 2000 replicas a cell four times that). A faster full version needs per-replica steps in the flow.
 FULL_REPLICAS = 500
 
 
