@@ -234,15 +234,15 @@ class TensorBoardLog:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         names = [k for k in scalar_names(rows[0]) if self.shown(k)]
-        if not self.layout_written:
-            self.writer.add_custom_scalars(layout(names, self.replicas_shown))
-            self.layout_written = True
         aggregates = AGGREGATES if self.tags == "all" else HEADLINE_AGGREGATES
         values = np.stack([np.stack([row[k] for k in names]) for row in rows]).astype(np.float64)  # (K, n, B)
         dead = np.stack([row["diverged"] > 0 for row in rows])[:, None, :]
         K, n, B = values.shape
         stats = {a: v.reshape(K, n) for a, v in aggregate_rows(np.where(dead, np.nan, values).reshape(K * n, B)).items()}
         shown = min(self.replicas_shown, B)
+        if not self.layout_written:
+            self.writer.add_custom_scalars(layout(names, shown))
+            self.layout_written = True
         for k, row in enumerate(rows):
             tags = {"time/t": float(row["t"]), "diverged/count": float(dead[k].sum())}
             for i, name in enumerate(names):

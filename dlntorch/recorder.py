@@ -43,10 +43,18 @@ def factor_bytes(factors: Sequence[torch.Tensor], rows: int) -> int:
     return rows * sum(f.numel() for f in factors) * 8
 
 
+def readable_size(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def warn_if_large(factors: Sequence[torch.Tensor], rows: int) -> None:
     size = factor_bytes(factors, rows)
     if size > FACTORS_WARN_BYTES:
-        warnings.warn(f"run.save_factors=true keeps {size / 2 ** 30:.1f} GiB of factors ({rows} logged times "
+        warnings.warn(f"run.save_factors=true keeps {readable_size(size)} of factors ({rows} logged times "
                       f"× {factors[0].shape[0]} replicas) in memory and in trajectory.npz; lower "
                       "run.log_points or replicas if that is too much.", stacklevel=2)
 
