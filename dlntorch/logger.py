@@ -178,32 +178,51 @@ def scalar_names(row: Mapping[str, np.ndarray]) -> list[str]:
     return [k for k, v in row.items() if v.ndim == 1 and k not in NOT_OBSERVABLES]
 
 
-def _margin(name: str) -> list:
-    return ["Margin", [f"{name}/median", f"{name}/q10", f"{name}/q90"]]
-
-
 def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, list]]:
-    """The custom-scalars layout (TensorBoard's CUSTOM SCALARS tab), in the order it opens:
+    """The custom-scalars layout (TensorBoard's CUSTOM SCALARS tab), in the order the tab shows it:
     the headline margin charts (median in its q10–q90 band) of energy, effective rank,
-    balancedness and the singular values; balancedness per junction; single replicas; the rest."""
+    balancedness and the singular values; balancedness per junction; single replicas; the other
+    observables; time and divergences. One kind of chart per category (see _as_shown)."""
     def index(name: str) -> int:
         return int(name.rsplit("_", 1)[1])
+
+    def margins(chosen: Sequence[str]) -> dict[str, list]:
+        return {f"{n} (median, q10–q90)": ["Margin", [f"{n}/median", f"{n}/q10", f"{n}/q90"]] for n in chosen}
 
     sigmas = sorted((n for n in names if re.fullmatch(r"sigma_\d+", n)), key=index)
     junctions = sorted((n for n in names if re.fullmatch(r"balancedness_\d+", n)), key=index)
     headline = [n for n in ("energy", "effective_rank", "balancedness", *sigmas) if n in names]
     replicas = [n for n in ("energy", "effective_rank") if n in names] if replicas_shown else []
-    rest = [n for n in names if n not in headline and n not in junctions]
     categories = {
-        "headline": {f"{n} (median, q10–q90)": _margin(n) for n in headline},
-        "balancedness per junction": {f"{n} (median, q10–q90)": _margin(n) for n in junctions},
+        "headline": margins(headline),
+        "balancedness per junction": margins(junctions),
         "replicas": {f"{n} of replicas 0–{replicas_shown - 1}": ["Multiline", [rf"^{n}/replica_\d+$"]]
                      for n in replicas},
-        "other observables": {**{f"{n} (median, q10–q90)": _margin(n) for n in rest},
-                              "diverged replicas": ["Multiline", ["^diverged/count$"]],
-                              "time t": ["Multiline", ["^time/t$"]]},
+        "other observables": margins([n for n in names if n not in headline and n not in junctions]),
+        "time and divergences": {"time t": ["Multiline", ["^time/t$"]],
+                                 "diverged replicas": ["Multiline", ["^diverged/count$"]]},
     }
-    return {title: charts for title, charts in categories.items() if charts}
+    return {title: _as_shown(charts) for title, charts in categories.items() if charts}
+
+
+def _as_shown(charts: dict[str, list]) -> dict[str, list]:
+    # TensorBoard's CUSTOM SCALARS tab (2.x, seen in a browser) shows a category's margin charts
+    # last first and its multiline charts in order (mixed, multiline first): margin charts are
+    # written reversed, so that each category reads in the order given
+    return dict(reversed(charts.items())) if all(kind == "Margin" for kind, _ in charts.values()) else charts
+
+
+def _metrics_named_short(experiment: Any) -> Any:
+    """The experiment summary with each metric's column headed by its name without `hparam/`:
+    narrower columns, so a sweep's swept keys and every headline metric fit 1600 px."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    metadata = experiment.value[0].metadata
+    data = HParamsPluginData.FromString(metadata.plugin_data.content)
+    for info in data.experiment.metric_infos:
+        info.display_name = info.name.tag.removeprefix("hparam/")
+    metadata.plugin_data.content = data.SerializeToString()
+    return experiment
 
 
 class TensorBoardLog:
@@ -274,7 +293,8 @@ class TensorBoardLog:
         tagged = {f"hparam/{k}": v for k, v in metrics.items()}
         # in this run's own events file (not add_hparams' extra sub-run): the HPARAMS tab shows
         # one row per run next to its scalars; at the final step, so a resumed run's purge covers them
-        for proto in hparams_protos(dict(hparams), tagged):
+        experiment, start, end = hparams_protos(dict(hparams), tagged)
+        for proto in (_metrics_named_short(experiment), start, end):
             self.writer.file_writer.add_summary(proto, step)
         for tag, value in tagged.items():
             self.writer.add_scalar(tag, value, step)

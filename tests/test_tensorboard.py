@@ -32,8 +32,18 @@ def events(run_dir) -> EventAccumulator:
 
 
 def layout_of(reader: EventAccumulator) -> layout_pb2.Layout:
+    """The layout in the order the CUSTOM SCALARS tab shows it (a category of margin charts last
+    first, one of multiline charts in order: dlntorch.logger._as_shown)."""
     (record,) = reader.Tensors("custom_scalars__config__")      # written once, at the run's start
-    return layout_pb2.Layout.FromString(record.tensor_proto.string_val[0])
+    layout = layout_pb2.Layout.FromString(record.tensor_proto.string_val[0])
+    for category in layout.category:
+        kinds = {chart.WhichOneof("content") for chart in category.chart}
+        assert len(kinds) == 1, category.title                  # one kind of chart per category
+        if kinds == {"margin"}:
+            charts = list(category.chart)[::-1]
+            del category.chart[:]
+            category.chart.extend(charts)
+    return layout
 
 
 def hparams_of(reader: EventAccumulator, which: str) -> plugin_data_pb2.HParamsPluginData:
@@ -45,7 +55,7 @@ def test_the_layout_opens_on_the_headline_margin_charts_of_tags_the_run_wrote(ma
     reader = events(tmp_path / "run")
     layout, tags = layout_of(reader), set(reader.Tags()["scalars"])
     titles = [c.title for c in layout.category]
-    assert titles == ["headline", "balancedness per junction", "replicas", "other observables"]
+    assert titles == ["headline", "balancedness per junction", "replicas", "other observables", "time and divergences"]
     headline = [chart.margin.series[0].value for chart in layout.category[0].chart]
     assert headline == ["energy/median", "effective_rank/median", "balancedness/median",
                         "sigma_1/median", "sigma_2/median", "sigma_3/median"]       # k = min(m, n) = 3 < 8
@@ -60,8 +70,9 @@ def test_the_layout_opens_on_the_headline_margin_charts_of_tags_the_run_wrote(ma
                 assert {series.value, series.lower, series.upper} <= tags, chart.title   # no empty chart
     replicas = [chart.multiline.tag[0] for chart in layout.category[2].chart]
     assert replicas == [r"^energy/replica_\d+$", r"^effective_rank/replica_\d+$"]
-    others = [chart.margin.series[0].value for chart in layout.category[3].chart if chart.margin.series]
+    others = [chart.margin.series[0].value for chart in layout.category[3].chart]
     assert "test_error/median" in others
+    assert [chart.multiline.tag[0] for chart in layout.category[4].chart] == ["^time/t$", "^diverged/count$"]
 
 
 def test_the_default_tags_are_the_headline_ones_and_all_restores_every_aggregate(make_cfg, tmp_path):
