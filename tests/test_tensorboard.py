@@ -230,3 +230,30 @@ def test_collect_orders_named_job_dirs_by_their_number():
     names = ["10_model.depth=2", "2_model.depth=3", "1_model.depth=1", "extra"]
     assert sorted(names, key=lambda n: _natural(Path(n))) == ["1_model.depth=1", "2_model.depth=3",
                                                               "10_model.depth=2", "extra"]
+
+
+def test_swept_keys_are_the_sweeps_of_the_command_line_and_of_the_sweeper():
+    from dlntorch.report import swept_keys
+    multirun = {"hydra": {"overrides": {"task": ["model.depth=2,3", "replicas=64", "optim=gd,langevin",
+                                                 "+tags.note=a", "init.scale=range(1,3)"]},
+                          "sweeper": {"params": {"optim.lr": "0.01,0.1", "seed": "0"}}}}
+    assert swept_keys(multirun) == ["model.depth", "optim", "init.scale", "optim.lr"]
+
+
+def test_hparams_of_a_sweep_job_are_its_values_of_the_swept_keys():
+    from dlntorch.report import hparams
+    config = {"model": {"depth": 3}, "init": {"scale": 0.1}, "optim": {"name": "langevin", "lr": 0.05},
+              "replicas": 8, "seed": 0}
+    shown = hparams(config, ["model.depth=3", "optim=langevin", "replicas=8"], swept=["optim", "model.depth"])
+    assert shown == {"optim": "langevin", "model.depth": 3}
+
+
+def test_the_headline_metrics_include_the_converged_fraction_once_the_summary_counts_it():
+    from dlntorch.report import headline
+    summary = {"replicas": 8, "near_rank_one": 2, "diverged_count": 1,
+               "aggregates": {"energy": {"median": 0.5}, "effective_rank": {"median": 1.5},
+                              "balancedness": {"median": 0.01}}}
+    expected = {"near_rank_one_fraction": 0.25, "energy_median": 0.5, "effective_rank_median": 1.5,
+                "balancedness_median": 0.01, "diverged": 1.0}
+    assert headline(summary) == expected
+    assert headline({**summary, "converged": 6}) == {"converged_fraction": 0.75, **expected}
