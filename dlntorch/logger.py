@@ -25,6 +25,9 @@ AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
 HEADLINE_AGGREGATES = ("median", "q10", "q90", "mean")     # what run.tb_tags=headline logs
 # the observables TensorBoard shows by default: what the custom-scalars charts need
 HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?")
+# and the conservation check: ‖G(t) − G(0)‖ is 0 under gradient flow, so its largest value over
+# the replicas says how far the steps have taken the run from it (its max alone, no replicas)
+CONSERVATION = "balancedness_drift"
 DISTRIBUTIONS = ("energy", "effective_rank", "balancedness", "sigma_1", "sigma_2")   # over time
 NOT_OBSERVABLES = ("step", "t", "diverged")
 
@@ -182,7 +185,8 @@ def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, lis
     """The custom-scalars layout (TensorBoard's CUSTOM SCALARS tab), in the order the tab shows it:
     the headline margin charts (median in its q10–q90 band) of energy, effective rank,
     balancedness and the singular values; balancedness per junction; single replicas; the other
-    observables; time and divergences. One kind of chart per category (see _as_shown)."""
+    observables; checks (time, divergences, the conservation of G). One kind of chart per category
+    (see _as_shown)."""
     def index(name: str) -> int:
         return int(name.rsplit("_", 1)[1])
 
@@ -198,9 +202,11 @@ def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, lis
         "balancedness per junction": margins(junctions),
         "replicas": {f"{n} of replicas 0–{replicas_shown - 1}": ["Multiline", [rf"^{n}/replica_\d+$"]]
                      for n in replicas},
-        "other observables": margins([n for n in names if n not in headline and n not in junctions]),
-        "time and divergences": {"time t": ["Multiline", ["^time/t$"]],
-                                 "diverged replicas": ["Multiline", ["^diverged/count$"]]},
+        "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION)]),
+        "checks": {"time t": ["Multiline", ["^time/t$"]],
+                   "diverged replicas": ["Multiline", ["^diverged/count$"]],
+                   **({f"{CONSERVATION} (max)": ["Multiline", [f"^{CONSERVATION}/max$"]]}
+                      if CONSERVATION in names else {})},
     }
     return {title: _as_shown(charts) for title, charts in categories.items() if charts}
 
@@ -228,7 +234,8 @@ def _metrics_named_short(experiment: Any) -> Any:
 class TensorBoardLog:
     """TensorBoard events under `tb/`. Resuming purges events past the checkpoint's step.
 
-    `tags`: "headline" (the observables HEADLINE matches, HEADLINE_AGGREGATES of each) or "all";
+    `tags`: "headline" (the observables HEADLINE matches, HEADLINE_AGGREGATES of each and single
+    replicas, and the max of CONSERVATION) or "all" (every observable, all AGGREGATES);
     `histogram_steps`: the logged steps that also get distribution/<name> histograms."""
 
     def __init__(self, log_dir: Path, replicas_shown: int, purge_step: int | None = None,
@@ -242,9 +249,17 @@ class TensorBoardLog:
         self.histogram_steps = {int(s) for s in histogram_steps}
         self.layout_written = purge_step is not None   # a resumed run's first events file has it
 
+    def aggregates(self, name: str) -> tuple[str, ...]:
+        """The aggregates of observable `name` that TensorBoard gets; none: no tags at all
+        (trajectory.npz keeps every observable)."""
+        if self.tags == "all":
+            return AGGREGATES
+        if HEADLINE.fullmatch(name):
+            return HEADLINE_AGGREGATES
+        return ("max",) if name == CONSERVATION else ()
+
     def shown(self, name: str) -> bool:
-        """Whether observable `name` has tags in TensorBoard (trajectory.npz keeps every one)."""
-        return self.tags == "all" or HEADLINE.fullmatch(name) is not None
+        return bool(self.aggregates(name))
 
     def scalars(self, rows: Sequence[Mapping[str, np.ndarray]]) -> None:
         """Logged rows (each with its `step`, `t` and `diverged`) to TensorBoard: the aggregates
@@ -253,7 +268,8 @@ class TensorBoardLog:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         names = [k for k in scalar_names(rows[0]) if self.shown(k)]
-        aggregates = AGGREGATES if self.tags == "all" else HEADLINE_AGGREGATES
+        aggregates = [self.aggregates(name) for name in names]
+        with_replicas = [len(chosen) > 1 for chosen in aggregates]     # not CONSERVATION's max alone
         values = np.stack([np.stack([row[k] for k in names]) for row in rows]).astype(np.float64)  # (K, n, B)
         dead = np.stack([row["diverged"] > 0 for row in rows])[:, None, :]
         K, n, B = values.shape
@@ -265,8 +281,9 @@ class TensorBoardLog:
         for k, row in enumerate(rows):
             tags = {"time/t": float(row["t"]), "diverged/count": float(dead[k].sum())}
             for i, name in enumerate(names):
-                tags.update({f"{name}/{agg}": stats[agg][k, i] for agg in aggregates})
-                tags.update({f"{name}/replica_{r}": values[k, i, r] for r in range(shown)})
+                tags.update({f"{name}/{agg}": stats[agg][k, i] for agg in aggregates[i]})
+                if with_replicas[i]:
+                    tags.update({f"{name}/replica_{r}": values[k, i, r] for r in range(shown)})
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in tags.items()])
             self.writer._get_file_writer().add_summary(summary, int(row["step"]))   # add_scalar's writer
             if int(row["step"]) in self.histogram_steps:

@@ -55,7 +55,7 @@ def test_the_layout_opens_on_the_headline_margin_charts_of_tags_the_run_wrote(ma
     reader = events(tmp_path / "run")
     layout, tags = layout_of(reader), set(reader.Tags()["scalars"])
     titles = [c.title for c in layout.category]
-    assert titles == ["headline", "balancedness per junction", "replicas", "other observables", "time and divergences"]
+    assert titles == ["headline", "balancedness per junction", "replicas", "other observables", "checks"]
     headline = [chart.margin.series[0].value for chart in layout.category[0].chart]
     assert headline == ["energy/median", "effective_rank/median", "balancedness/median",
                         "sigma_1/median", "sigma_2/median", "sigma_3/median"]       # k = min(m, n) = 3 < 8
@@ -72,7 +72,9 @@ def test_the_layout_opens_on_the_headline_margin_charts_of_tags_the_run_wrote(ma
     assert replicas == [r"^energy/replica_\d+$", r"^effective_rank/replica_\d+$"]
     others = [chart.margin.series[0].value for chart in layout.category[3].chart]
     assert "test_error/median" in others
-    assert [chart.multiline.tag[0] for chart in layout.category[4].chart] == ["^time/t$", "^diverged/count$"]
+    assert [chart.multiline.tag[0] for chart in layout.category[4].chart] == [
+        "^time/t$", "^diverged/count$", "^balancedness_drift/max$"]
+    assert {"time/t", "diverged/count", "balancedness_drift/max"} <= tags
 
 
 def test_the_default_tags_are_the_headline_ones_and_all_restores_every_aggregate(make_cfg, tmp_path):
@@ -82,7 +84,7 @@ def test_the_default_tags_are_the_headline_ones_and_all_restores_every_aggregate
     observed = ("energy", "effective_rank", "balancedness", "balancedness_1", "balancedness_2", "sigma_1", "sigma_2",
                 "w12", "w21")
     expected = {"time/t", "diverged/count"} | {f"{n}/{a}" for n in observed for a in ("median", "q10", "q90", "mean")} \
-        | {f"{n}/replica_{r}" for n in observed for r in range(4)}
+        | {f"{n}/replica_{r}" for n in observed for r in range(4)} | {"balancedness_drift/max"}
     assert headline - {t for t in headline if t.startswith("hparam/")} == expected
     # trajectory.npz keeps every observable whatever TensorBoard shows
     assert load_run(tmp_path / "run").observables == load_run(tmp_path / "all").observables
