@@ -298,7 +298,10 @@ class TensorBoardLog:
             values = row[name]
             finite = values[np.isfinite(values) & ~diverged]
             if finite.size:
-                self.writer.add_histogram(f"{prefix}/{name}", finite, step)
+                # a replica on its way out (E ~ 1e200, not yet inf) overflows the histogram's sum of
+                # squares, which TensorBoard then stores as inf: harmless, the buckets stay right
+                with np.errstate(over="ignore"):
+                    self.writer.add_histogram(f"{prefix}/{name}", finite, step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         """The HPARAMS tab's row of this run: its columns `hparams` and its final `metrics`
