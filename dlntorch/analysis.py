@@ -6,6 +6,7 @@ run of a sweep, one row per run or replica, are `dlntorch.collect`.)
 
     from dlntorch.analysis import load_run, trajectory_frame, sweep_trajectories, plot_run
     run = load_run("outputs/runs/...")                   # summary, config, trajectory arrays
+    run.product, run.factors, run.balancedness()         # the state (T, B, ...) when the run saved it
     df = trajectory_frame(run, ["energy"])               # long form: t, step, replica, diverged, energy
     ranks = sweep_trajectories("outputs/multirun/...", "effective_rank")   # median, q10, q90 per t
     plot_run(run, path="fig.png")
@@ -30,12 +31,15 @@ PANELS = ("energy", "effective_rank", "balancedness", "singular_values")
 # quantities that decay towards 0 over decades (and the staircase of rank jumps): log y when they span one
 LOG_Y = ("energy", "test_error", "hyperbola_distance", "singular_values")
 SINGULAR = re.compile(r"singular_value_(\d+)")
+FACTOR = re.compile(r"factor_\d+")     # factor_norm_p is an observable, factor_p the saved W_p
 
 
 @dataclass
 class Run:
     """A completed run: its summary.json, its config and trajectory.npz as arrays — `t`, `step`
-    (T,), each observable (T, B), `singular_values` (T, B, k) and `diverged` (T, B)."""
+    (T,), each observable (T, B), `singular_values` (T, B, k) and `diverged` (T, B); and the
+    state when the run kept it: `product` W (T, B, m, n) (run.save_product, by default when
+    m·n ≤ 64) and `factors` [W_1, …, W_N], each (T, B, d_p, d_{p-1}) (run.save_factors=true)."""
     path: Path
     summary: dict[str, Any]
     config: dict[str, Any]
@@ -62,6 +66,27 @@ class Run:
     @property
     def replicas(self) -> int:
         return self.diverged.shape[1]
+
+    @property
+    def product(self) -> np.ndarray | None:
+        """(T, B, m, n): W at every logged time, or None if the run did not save it."""
+        return self.trajectory.get("product")
+
+    @property
+    def factors(self) -> list[np.ndarray] | None:
+        """[W_1, …, W_N], each (T, B, d_p, d_{p-1}), or None if the run did not save them."""
+        names = sorted((k for k in self.trajectory if FACTOR.fullmatch(k)), key=lambda k: int(k.split("_")[1]))
+        return [self.trajectory[k] for k in names] or None
+
+    def balancedness(self) -> list[np.ndarray]:
+        """[G_1, …, G_{N-1}], each (T, B, d_p, d_p): G_p = W_{p+1}^T W_{p+1} − W_p W_p^T at every
+        logged time, from the saved factors (network.balancedness_of, the lab's own rule)."""
+        if self.factors is None:
+            raise ValueError(f"{self.path} has no factors to compute G_p from: rerun it with run.save_factors=true")
+        import torch
+
+        from .network import balancedness_of
+        return [g.numpy() for g in balancedness_of([torch.from_numpy(f) for f in self.factors])]
 
     @property
     def observables(self) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,9 @@ def is_run_dir(folder: Path) -> bool:
 
 
 def _natural(path: Path) -> list[Any]:
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
+    # a sweep's job dirs start with the job number (2_model.depth=3 before 10_model.depth=2)
+    return [(0, int(number), rest) if number else (1, 0, part)
+            for part in path.parts for number, rest in [re.match(r"(\d*)(.*)", part).groups()]]
 
 
 # ------------------------------------------------------------------------ reading one run

@@ -79,6 +79,13 @@ class RunConfig:
     cuda_graphs: bool = False           # plain gd on CUDA: replay captured steps (launch-bound tiny matrices)
     progress: bool = True               # tqdm bar on runs longer than a few seconds
     out_dir: Optional[str] = None       # None: Hydra's run dir (or ./outputs/<time> from Python)
+    # what a researcher reads afterwards (TensorBoard's tags, the state in trajectory.npz)
+    tb_tags: str = "headline"           # headline (what the custom-scalars charts need) | all
+    sigma_k: int = 8                    # singular values logged as sigma_1..sigma_k (capped at min(m, n))
+    histogram_points: int = 32          # logged times with distribution/<name> histograms (0: none)
+    save_product: Any = "auto"          # product W in trajectory.npz: auto (m·n ≤ 64) | true | false
+    save_factors: bool = False          # factors W_p in trajectory.npz (T, B, d_p, d_{p-1})
+    log_entries: list[list[int]] = field(default_factory=list)   # [[i, j], …] 1-based: w_ij = W[i-1, j-1]
 
 
 @dataclass
@@ -243,3 +250,11 @@ def validate(cfg: Any) -> None:
     one_of("run.on_divergence", run.on_divergence, ("freeze", "error"))
     positive_finite("run.rank_tol", run.rank_tol)
     positive_finite("run.checkpoint_minutes", run.checkpoint_minutes)
+    one_of("run.tb_tags", run.tb_tags, ("headline", "all"))
+    at_least("run.sigma_k", run.sigma_k, 0)
+    at_least("run.histogram_points", run.histogram_points, 0)
+    if run.save_product not in ("auto", True, False):
+        fail("run.save_product", run.save_product, "choose auto or a boolean, true or false")
+    if task.file is None:        # a data file's shape is known once it is read: checked then
+        from .metrics import check_entries
+        check_entries(run.log_entries, task_shape(task))

@@ -1,14 +1,18 @@
 """What a run writes: TensorBoard events, trajectory.npz, summary.json — and the time grid.
 
-TensorBoard gets aggregates over live replicas of every scalar observable (tag `name/mean`,
-`name/median`, `name/min`, `name/max`, `name/q10`, `name/q90`), the first few replicas
-individually (`name/replica_i`), histograms of per-replica final values, and hparams.
+TensorBoard (see docs/tensorboard.md) gets a custom-scalars layout that opens on the headline
+charts (the median of energy, effective rank, balancedness and each singular value in its q10–q90
+band), scalars of the headline observables (`name/median`, `q10`, `q90`, `mean` over live
+replicas and the first few replicas `name/replica_i`; run.tb_tags=all: every observable with
+min and max too), histograms of the per-replica values at a bounded number of logged times
+(`distribution/name`) and at the end (`final/name`), and hparams.
 trajectory.npz gets every observable as an array (T, B[, k]) — analysis reads that, not events.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,6 +24,14 @@ from torch import Tensor
 from . import compat
 
 AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
+HEADLINE_AGGREGATES = ("median", "q10", "q90", "mean")     # what run.tb_tags=headline logs
+# the observables TensorBoard shows by default: what the custom-scalars charts need
+HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?")
+# and the conservation check: ‖G(t) − G(0)‖ is 0 under gradient flow, so its largest value over
+# the replicas says how far the steps have taken the run from it (its max alone, no replicas)
+CONSERVATION = "balancedness_drift"
+DISTRIBUTIONS = ("energy", "effective_rank", "balancedness", "sigma_1", "sigma_2")   # over time
+NOT_OBSERVABLES = ("step", "t", "diverged")
 
 
 def log_steps(total_steps: int, points: int) -> np.ndarray:
@@ -32,6 +44,16 @@ def log_steps(total_steps: int, points: int) -> np.ndarray:
     logs = np.geomspace(1, total_steps, points - half)
     steps = np.unique(np.concatenate([[0, total_steps], np.rint(even), np.rint(logs)]).astype(np.int64))
     return steps
+
+
+def histogram_steps(grid: np.ndarray, points: int) -> np.ndarray:
+    """The logged steps that get distribution histograms: at most `points`, evenly spread over
+    the log grid's entries (so over early and late times alike), fixed in advance by the config,
+    so that a resumed run picks the same ones."""
+    if points <= 0:
+        return np.zeros(0, dtype=np.int64)
+    picks = np.unique(np.rint(np.linspace(0, len(grid) - 1, min(points, len(grid)))).astype(np.int64))
+    return np.asarray(grid)[picks]
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -151,15 +173,90 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-class TensorBoardLog:
-    """TensorBoard events under `tb/`. Resuming purges events past the checkpoint's step."""
+def scalar_names(row: Mapping[str, np.ndarray]) -> list[str]:
+    """The scalar observables of a logged row (one value per replica), in the order observed."""
+    return [k for k, v in row.items() if v.ndim == 1 and k not in NOT_OBSERVABLES]
 
-    def __init__(self, log_dir: Path, replicas_shown: int, purge_step: int | None = None):
+
+def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout (TensorBoard's CUSTOM SCALARS tab), in the order the tab shows it:
+    the headline margin charts (median in its q10–q90 band) of energy, effective rank,
+    balancedness and the singular values; balancedness per junction; single replicas; the other
+    observables; checks (time, divergences, the conservation of G). One kind of chart per category
+    (see _as_shown)."""
+    def index(name: str) -> int:
+        return int(name.rsplit("_", 1)[1])
+
+    def margins(chosen: Sequence[str]) -> dict[str, list]:
+        return {f"{n} (median, q10–q90)": ["Margin", [f"{n}/median", f"{n}/q10", f"{n}/q90"]] for n in chosen}
+
+    sigmas = sorted((n for n in names if re.fullmatch(r"sigma_\d+", n)), key=index)
+    junctions = sorted((n for n in names if re.fullmatch(r"balancedness_\d+", n)), key=index)
+    headline = [n for n in ("energy", "effective_rank", "balancedness", *sigmas) if n in names]
+    replicas = [n for n in ("energy", "effective_rank") if n in names] if replicas_shown else []
+    categories = {
+        "headline": margins(headline),
+        "balancedness per junction": margins(junctions),
+        "replicas": {f"{n} of replicas 0–{replicas_shown - 1}": ["Multiline", [rf"^{n}/replica_\d+$"]]
+                     for n in replicas},
+        "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION)]),
+        "checks": {"time t": ["Multiline", ["^time/t$"]],
+                   "diverged replicas": ["Multiline", ["^diverged/count$"]],
+                   **({f"{CONSERVATION} (max)": ["Multiline", [f"^{CONSERVATION}/max$"]]}
+                      if CONSERVATION in names else {})},
+    }
+    return {title: _as_shown(charts) for title, charts in categories.items() if charts}
+
+
+def _as_shown(charts: dict[str, list]) -> dict[str, list]:
+    # TensorBoard's CUSTOM SCALARS tab (2.x, seen in a browser) shows a category's margin charts
+    # last first and its multiline charts in order (mixed, multiline first): margin charts are
+    # written reversed, so that each category reads in the order given
+    return dict(reversed(charts.items())) if all(kind == "Margin" for kind, _ in charts.values()) else charts
+
+
+def _metrics_named_short(experiment: Any) -> Any:
+    """The experiment summary with each metric's column headed by its name without `hparam/`:
+    narrower columns, so a sweep's swept keys and every headline metric fit 1600 px."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    metadata = experiment.value[0].metadata
+    data = HParamsPluginData.FromString(metadata.plugin_data.content)
+    for info in data.experiment.metric_infos:
+        info.display_name = info.name.tag.removeprefix("hparam/")
+    metadata.plugin_data.content = data.SerializeToString()
+    return experiment
+
+
+class TensorBoardLog:
+    """TensorBoard events under `tb/`. Resuming purges events past the checkpoint's step.
+
+    `tags`: "headline" (the observables HEADLINE matches, HEADLINE_AGGREGATES of each and single
+    replicas, and the max of CONSERVATION) or "all" (every observable, all AGGREGATES);
+    `histogram_steps`: the logged steps that also get distribution/<name> histograms."""
+
+    def __init__(self, log_dir: Path, replicas_shown: int, purge_step: int | None = None,
+                 tags: str = "headline", histogram_steps: Sequence[int] = ()):
         from torch.utils.tensorboard import SummaryWriter   # imports tensorboard: do it lazily
 
         compat.install_event_checksums(masked_crc32c)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.replicas_shown = replicas_shown
+        self.tags = tags
+        self.histogram_steps = {int(s) for s in histogram_steps}
+        self.layout_written = purge_step is not None   # a resumed run's first events file has it
+
+    def aggregates(self, name: str) -> tuple[str, ...]:
+        """The aggregates of observable `name` that TensorBoard gets; none: no tags at all
+        (trajectory.npz keeps every observable)."""
+        if self.tags == "all":
+            return AGGREGATES
+        if HEADLINE.fullmatch(name):
+            return HEADLINE_AGGREGATES
+        return ("max",) if name == CONSERVATION else ()
+
+    def shown(self, name: str) -> bool:
+        return bool(self.aggregates(name))
 
     def scalars(self, rows: Sequence[Mapping[str, np.ndarray]]) -> None:
         """Logged rows (each with its `step`, `t` and `diverged`) to TensorBoard: the aggregates
@@ -167,38 +264,62 @@ class TensorBoardLog:
         add_scalar calls, each a record of its own, would cost milliseconds per row)."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        names = [k for k, v in rows[0].items() if v.ndim == 1 and k not in ("step", "t", "diverged")]
+        names = [k for k in scalar_names(rows[0]) if self.shown(k)]
+        aggregates = [self.aggregates(name) for name in names]
+        with_replicas = [len(chosen) > 1 for chosen in aggregates]     # not CONSERVATION's max alone
         values = np.stack([np.stack([row[k] for k in names]) for row in rows]).astype(np.float64)  # (K, n, B)
         dead = np.stack([row["diverged"] > 0 for row in rows])[:, None, :]
         K, n, B = values.shape
         stats = {a: v.reshape(K, n) for a, v in aggregate_rows(np.where(dead, np.nan, values).reshape(K * n, B)).items()}
         shown = min(self.replicas_shown, B)
+        if not self.layout_written:
+            self.writer.add_custom_scalars(layout(names, shown))
+            self.layout_written = True
         records = compat.file_writer(self.writer)    # add_scalar's own writer, where it can be reached
         for k, row in enumerate(rows):
             tags = {"time/t": float(row["t"]), "diverged/count": float(dead[k].sum())}
             for i, name in enumerate(names):
-                tags.update({f"{name}/{agg}": stats[agg][k, i] for agg in AGGREGATES})
-                tags.update({f"{name}/replica_{r}": values[k, i, r] for r in range(shown)})
+                tags.update({f"{name}/{agg}": stats[agg][k, i] for agg in aggregates[i]})
+                if with_replicas[i]:
+                    tags.update({f"{name}/replica_{r}": values[k, i, r] for r in range(shown)})
             if records is None:
                 for tag, v in tags.items():
                     self.writer.add_scalar(tag, float(v), int(row["step"]))
-                continue
-            summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in tags.items()])
-            records.add_summary(summary, int(row["step"]))
+            else:
+                summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in tags.items()])
+                records.add_summary(summary, int(row["step"]))
+            if int(row["step"]) in self.histogram_steps:
+                self.histograms(int(row["step"]), row, row["diverged"] > 0, "distribution",
+                                [d for d in DISTRIBUTIONS if d in row])
 
-    def histograms(self, step: int, row: Mapping[str, np.ndarray], diverged: np.ndarray) -> None:
-        for name, values in row.items():
-            if values.ndim == 1 and name not in ("step", "t", "diverged"):
-                finite = values[np.isfinite(values) & ~diverged]
-                if finite.size:
-                    self.writer.add_histogram(f"final/{name}", finite, step)
+    def histograms(self, step: int, row: Mapping[str, np.ndarray], diverged: np.ndarray,
+                   prefix: str = "final", names: Sequence[str] | None = None) -> None:
+        """Histograms `prefix/name` of the per-replica values at `step` (the shown observables by
+        default), diverged and non-finite values left out."""
+        for name in names if names is not None else [k for k in scalar_names(row) if self.shown(k)]:
+            values = row[name]
+            finite = values[np.isfinite(values) & ~diverged]
+            if finite.size:
+                # a replica on its way out (E ~ 1e200, not yet inf) overflows the histogram's sum of
+                # squares, which TensorBoard then stores as inf: harmless, the buckets stay right
+                with np.errstate(over="ignore"):
+                    self.writer.add_histogram(f"{prefix}/{name}", finite, step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
-        # run_name="." keeps the hparams in this run's own folder, so the HPARAMS tab shows one
-        # row per run of a sweep next to its scalars; at the final step, so that a resumed run's
-        # purge covers them
-        self.writer.add_hparams(dict(hparams), {f"hparam/{k}": v for k, v in metrics.items()},
-                                run_name=".", global_step=step)
+        """The HPARAMS tab's row of this run: its columns `hparams` and its final `metrics`
+        (tags hparam/<metric>). The experiment summary names exactly the columns given:
+        TensorBoard takes the first one it finds as the column list of every run under the
+        logdir, so each job of a sweep writes the same (its swept keys, report.hparams)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_protos
+
+        tagged = {f"hparam/{k}": v for k, v in metrics.items()}
+        # in this run's own events file (not add_hparams' extra sub-run): the HPARAMS tab shows
+        # one row per run next to its scalars; at the final step, so a resumed run's purge covers them
+        experiment, start, end = hparams_protos(dict(hparams), tagged)
+        for proto in (_metrics_named_short(experiment), start, end):
+            self.writer.file_writer.add_summary(proto, step)
+        for tag, value in tagged.items():
+            self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
         self.writer.close()

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .config import ConfigError
 from .geometry import balance_gap, entropy
 from .network import balancedness_of, chain
 from .tasks import Task
@@ -45,11 +46,36 @@ def total_norm(parts: Sequence[Tensor]) -> Tensor:
     return torch.stack([frobenius(x) for x in parts]).norm(dim=0)
 
 
+def entry_name(i: int, j: int) -> str:
+    """The observable of the entry W_ij, named as in mathematics: 1-based, w12 = W[0, 1] (the seed
+    task's own names); w10_3 once an index has two digits, so that names stay unambiguous."""
+    return f"w{i}{j}" if i < 10 and j < 10 else f"w{i}_{j}"
+
+
+def check_entries(entries: Sequence[Sequence[int]], shape: tuple[int, int]) -> None:
+    """run.log_entries: pairs [i, j] with 1 ≤ i ≤ m, 1 ≤ j ≤ n (1-based, as W_ij is written)."""
+    m, n = shape
+    for entry in entries:
+        pair = list(entry)
+        if len(pair) != 2 or not all(isinstance(x, int) for x in pair) or not (1 <= pair[0] <= m and 1 <= pair[1] <= n):
+            raise ConfigError(f"run.log_entries={[list(e) for e in entries]} is not allowed: each entry must be "
+                              f"[i, j] with 1 ≤ i ≤ {m} and 1 ≤ j ≤ {n} (1-based) for the task's {m}x{n} "
+                              f"matrix, and {pair} is not.")
+
+
+def entries_of(W: Tensor, entries: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    """The chosen entries of W (B, m, n) as observables w_ij (1-based indices)."""
+    return {entry_name(i, j): W[:, i - 1, j - 1] for i, j in entries}
+
+
 def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_tol: float,
             beta: float | None = None, depth: int | None = None,
-            diverged: Tensor | None = None) -> dict[str, Tensor]:
+            diverged: Tensor | None = None, sigma_k: int = 0,
+            entries: Sequence[Sequence[int]] = ()) -> dict[str, Tensor]:
     """Every observable of the current state. Scalars per replica are (B,); `singular_values`
-    is (B, k). `depth` is the N of the entropy S_N when `factors` is just [W] (downstairs flows).
+    is (B, k), and its first `sigma_k` columns are also the scalars sigma_1, sigma_2, … (so that
+    TensorBoard and the summary's aggregates carry them). `entries` ([i, j], 1-based) adds the
+    scalars w_ij. `depth` is the N of the entropy S_N when `factors` is just [W] (downstairs flows).
 
     Diverged (non-finite) replicas report their raw energy and factor norms and NaN for the rest:
     they are computed on zeros instead, since LAPACK refuses non-finite input."""
@@ -82,6 +108,8 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
             if beta is not None:
                 out["free_energy"] = energy - out["entropy"] / beta
     out.update(task.observables(W))
+    out.update(entries_of(W, entries))
+    out.update({f"sigma_{i}": s[:, i - 1] for i in range(1, min(sigma_k, s.shape[-1]) + 1)})
     out["product_norm"] = frobenius(W)
     out = {k: torch.where(bad, torch.nan, v.to(W.dtype)) for k, v in out.items()}
     out["energy"] = energy

@@ -5,11 +5,16 @@ A logged time records a snapshot of the state (a copy: microseconds); the observ
 snapshots are computed in one batched call (SVDs of K·B matrices at once) when the batch is
 large, every FLUSH_SECONDS of wall time (TensorBoard stays live), at checkpoints and at the end.
 Observing at every logged time instead costs more than the steps of a short run.
+
+Besides the observables, a row can keep the state itself (run.save_product, run.save_factors):
+the product W (B, m, n) and the factors W_p (B, d_p, d_{p-1}), so that analysis can compute
+anything afterwards (dlntorch.analysis.Run.product, .factors, .balancedness()).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +22,69 @@ import numpy as np
 import torch
 
 from .hooks import Hooks
-from .logger import TensorBoardLog, to_numpy
-from .metrics import observe
+from .logger import TensorBoardLog, histogram_steps, to_numpy
+from .metrics import check_entries, observe
+from .network import chain
 
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
 FLUSH_ELEMENTS = 1 << 22      # pending snapshot entries (×8 bytes) before observing them
+PRODUCT_ENTRIES = 64          # run.save_product=auto keeps W when it has at most this many entries
+FACTORS_WARN_BYTES = 1 << 30  # run.save_factors=true warns past this size of the saved factors
+
+
+def saves_product(setting: Any, shape: tuple[int, int]) -> bool:
+    """run.save_product: auto keeps the product W when m·n ≤ PRODUCT_ENTRIES (a few numbers per
+    replica and logged time, next to the ~30 observables), else true or false as set."""
+    return shape[0] * shape[1] <= PRODUCT_ENTRIES if setting == "auto" else bool(setting)
+
+
+def factor_bytes(factors: Sequence[torch.Tensor], rows: int) -> int:
+    """The size of the factors W_p (B, d_p, d_{p-1}) saved as float64 at `rows` logged times."""
+    return rows * sum(f.numel() for f in factors) * 8
+
+
+def readable_size(size: float) -> str:
+    if size < 1024:
+        return f"{size:.0f} bytes"
+    for unit in ("KiB", "MiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GiB"
+
+
+def warn_if_large(factors: Sequence[torch.Tensor], rows: int) -> None:
+    size = factor_bytes(factors, rows)
+    if size > FACTORS_WARN_BYTES:
+        warnings.warn(f"run.save_factors=true keeps {readable_size(size)} of factors ({rows} logged times "
+                      f"× {factors[0].shape[0]} replicas) in memory and in trajectory.npz; lower "
+                      "run.log_points or replicas if that is too much.", stacklevel=2)
 
 
 class Recorder:
     """The logged rows of one run: `log()` at each logged time, `flush()` to observe them.
 
     Reads the step, t, G0, divergence flags and trajectory of `state` (a rundir.RunState), and
-    the factors and extra observables of `dynamics`; `beta` is the Langevin β (None otherwise)."""
+    the factors and extra observables of `dynamics`; `run` is the config's run group (rank_tol,
+    sigma_k, log_entries, save_product, save_factors, TensorBoard's tags and histograms), `grid`
+    the logged steps; `beta` is the Langevin β (None otherwise)."""
 
-    def __init__(self, dynamics: Any, task: Any, state: Any, rank_tol: float, beta: float | None,
-                 hooks: Hooks | None = None):
-        self.dynamics, self.task, self.state = dynamics, task, state
-        self.rank_tol, self.beta, self.hooks = rank_tol, beta, hooks or Hooks()
+    def __init__(self, dynamics: Any, task: Any, state: Any, run: Any, grid: np.ndarray,
+                 beta: float | None, hooks: Hooks | None = None):
+        self.dynamics, self.task, self.state, self.run, self.grid = dynamics, task, state, run, grid
+        self.beta, self.hooks = beta, hooks or Hooks()
+        check_entries(run.log_entries, task.shape)    # a data file's task: its shape is known now
+        self.entries = [tuple(e) for e in run.log_entries]
+        self.save_product = saves_product(run.save_product, task.shape)
+        if run.save_factors:
+            warn_if_large(dynamics.factors(), len(grid))
         self.tb: TensorBoardLog | None = None   # opened by `open` (a resumed run purges first)
         self.pending: list[tuple] = []          # logged snapshots not yet observed
         self.last_flush = time.monotonic()
 
-    def open(self, log_dir: Path, replicas_shown: int, purge_step: int | None) -> None:
-        self.tb = TensorBoardLog(log_dir, replicas_shown, purge_step=purge_step)
+    def open(self, log_dir: Path, purge_step: int | None) -> None:
+        self.tb = TensorBoardLog(log_dir, self.run.log_replicas, purge_step=purge_step, tags=self.run.tb_tags,
+                                 histogram_steps=histogram_steps(self.grid, self.run.histogram_points))
 
     def snapshot(self) -> tuple:
         s = self.state
@@ -65,10 +110,15 @@ class Recorder:
         steps, times, factors, extras, diverged = zip(*snapshots)
         K, B = len(snapshots), diverged[0].shape[0]
         dead = torch.cat(diverged)
-        obs = observe([torch.cat(parts) for parts in zip(*factors)], self.task,
-                      [g.repeat(K, 1, 1) for g in self.state.G0], self.rank_tol,
-                      beta=self.beta, depth=self.dynamics.depth, diverged=dead)
+        stacked = [torch.cat(parts) for parts in zip(*factors)]
+        obs = observe(stacked, self.task, [g.repeat(K, 1, 1) for g in self.state.G0], self.run.rank_tol,
+                      beta=self.beta, depth=self.dynamics.depth, diverged=dead, sigma_k=self.run.sigma_k,
+                      entries=self.entries)
         obs.update({k: torch.cat([extra[k] for extra in extras]) for k in extras[0]})
+        if self.save_product:       # the raw state: a diverged replica keeps its own values
+            obs["product"] = chain(stacked)
+        if self.run.save_factors:
+            obs.update({f"factor_{p}": f for p, f in enumerate(stacked, start=1)})
         arrays, dead = to_numpy(obs), dead.cpu().numpy().astype(np.float64)
         rows = []
         for k in range(K):

@@ -26,7 +26,8 @@ def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, o
     final row: per replica, aggregated over live replicas, and its events (first passages,
     rank jumps). `state` is the run's rundir.RunState, `final` its last logged row."""
     s = state
-    per_replica = {k: v.tolist() for k, v in final.items() if k not in ("step", "t")}
+    # the state (product, factors: analysis reads them from trajectory.npz) stays out of the JSON
+    per_replica = {k: v.tolist() for k, v in final.items() if k not in ("step", "t") and v.ndim <= 2}
     per_replica["diverged"] = [bool(x) for x in final["diverged"]]
     live = final["diverged"] == 0
     aggregates = {k: aggregate(np.where(live, v, np.nan)) for k, v in final.items()
@@ -66,33 +67,71 @@ def environment(device: torch.device) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-# what every run shows in the HPARAMS tab; the keys a sweep overrides are added to these
+# what a single run shows in the HPARAMS tab; the keys its command line set are added to these
 HPARAMS = ("experiment", "task.name", "model.depth", "model.widths", "init.name", "init.scale",
            "init.scale_of", "optim.name", "optim.lr", "replicas", "seed")
+SWEEP_RECORD = "multirun.yaml"     # Hydra writes it in the sweep dir when the sweep starts
 
 
-def hparams(config: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
-    """The HPARAMS tab's columns: the core keys and every key the command line set (Hydra's
-    task overrides), as numbers, strings or bools — not all ~60 leaves of the config, among which
-    the swept ones would be lost (TensorBoard shows the first few columns only)."""
+def _parse(lines: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    return OverridesParser.create().parse_overrides([str(line) for line in lines])
+
+
+def swept_keys(multirun: Mapping[str, Any]) -> list[str]:
+    """The keys a sweep varies, from its multirun.yaml: the command line's overrides and the
+    sweeper's params (hparams_search presets) whose value is a sweep (a,b / range / choice)."""
+    hydra = multirun.get("hydra", {})
+    lines = list(hydra.get("overrides", {}).get("task", []) or [])
+    lines += [f"{k}={v}" for k, v in (hydra.get("sweeper", {}).get("params") or {}).items()]
+    return list(dict.fromkeys(o.key_or_group for o in _parse(lines) if o.is_sweep_override()))
+
+
+def sweep_of_this_job() -> list[str] | None:
+    """The swept keys of the Hydra multirun this process runs a job of (None outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    path = Path(HydraConfig.get().sweep.dir) / SWEEP_RECORD
+    return swept_keys(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else None
+
+
+def hparams(config: dict[str, Any], overrides: list[str] | None = None,
+            swept: list[str] | None = None) -> dict[str, Any]:
+    """The HPARAMS tab's columns and this run's values in them, as numbers, strings or bools.
+
+    A job of a sweep: only the `swept` keys (what varies across the runs under the sweep dir;
+    a constant column says nothing and pushes the metrics off a 1600 px screen); a group choice
+    (`optim=gd,langevin`) reads the job's choice. A single run: the core keys and every key its
+    command line set (Hydra's task overrides) — not all ~60 leaves of the config."""
     flat = leaves(config)
-    swept = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
-    # the inverse temperature, where the optimiser has one (only its own schema holds the key)
-    beta = ("optim.beta",) if "optim.beta" in flat else ()
-    chosen = {k: flat[k] for k in dict.fromkeys((*HPARAMS, *beta, *swept)) if k in flat}
+    if swept:
+        chosen = {o.key_or_group: o.value() for o in _parse(overrides or []) if o.key_or_group in swept}
+        chosen.update({k: flat[k] for k in swept if k in flat})
+        chosen = {k: chosen[k] for k in swept if k in chosen}
+    else:
+        keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides or []]
+        # the inverse temperature, where the optimiser has one (only its own schema holds the key)
+        beta = ("optim.beta",) if "optim.beta" in flat else ()
+        chosen = {k: flat[k] for k in dict.fromkeys((*HPARAMS, *beta, *keys)) if k in flat}
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in chosen.items()}
 
 
 def headline(summary: dict[str, Any]) -> dict[str, float]:
-    """The final metrics shown in TensorBoard's HPARAMS tab (those the run has)."""
-    agg = summary["aggregates"]
-    out = {"near_rank_one_fraction": summary["near_rank_one"] / summary["replicas"],
-           "diverged": float(summary["diverged_count"]), "t": float(summary["t"])}
-    for name, stat in (("energy", "median"), ("energy", "max"), ("effective_rank", "median"),
-                       ("balancedness_drift", "max"), ("test_error", "median"),
-                       ("downstairs_distance", "max")):
+    """The final metrics shown in TensorBoard's HPARAMS tab (those the run has): the fractions of
+    replicas converged (once the summary counts them: `converged`) and near rank one, the medians
+    of energy, effective rank and balancedness, and the diverged count."""
+    agg, replicas = summary["aggregates"], summary["replicas"]
+    out = {}
+    if "converged" in summary:
+        out["converged_fraction"] = summary["converged"] / replicas
+    out["near_rank_one_fraction"] = summary["near_rank_one"] / replicas
+    for name in ("energy", "effective_rank", "balancedness"):
         if name in agg:
-            out[f"{name}_{stat}"] = agg[name][stat]
+            out[f"{name}_median"] = agg[name]["median"]
+    out["diverged"] = float(summary["diverged_count"])
     return out
 
 

@@ -25,7 +25,7 @@ from .init import initial_factors
 from .logger import log_steps
 from .network import DeepLinearNetwork, default_widths
 from .recorder import Recorder
-from .report import headline, hparams, summarise
+from .report import headline, hparams, summarise, sweep_of_this_job
 from .rundir import RunDir, RunState, hydra_overrides
 from .tasks import Task, build_task
 
@@ -78,7 +78,7 @@ class Lab:
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()])
         self.hooks = hooks or Hooks()
-        self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run.rank_tol, self.dynamics.beta, self.hooks)
+        self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run, self.grid, self.dynamics.beta, self.hooks)
 
     def wall(self) -> float:
         return time.monotonic() - self.started
@@ -117,7 +117,7 @@ class Lab:
             return previous           # nothing left to do: the run had finished
         # resuming purges the events past the checkpoint; past a final checkpoint, the final
         # step's own events too (the reports may have been half written), which finish rewrites
-        self.recorder.open(self.rundir.events, cfg.run.log_replicas,
+        self.recorder.open(self.rundir.events,
                            purge_step=None if not resumed else s.step if s.finished else s.step + 1)
         self.last_checkpoint = (s.step, time.monotonic())
         ends = chunk_ends(self.grid, cfg.run.stop_check_every if self.dynamics.step_based else None,
@@ -164,7 +164,8 @@ class Lab:
             summary = summarise(self.cfg, s, final, out=self.rundir.path, seeds=self.seeds,
                                 device=self.device, widths=self.widths, total_steps=self.total_steps,
                                 counters=self.dynamics.counters(), wall_time=s.elapsed + self.wall())
-            self.recorder.close(s.step, hparams(summary["config"], hydra_overrides()), headline(summary))
+            self.recorder.close(s.step, hparams(summary["config"], hydra_overrides(), sweep_of_this_job()),
+                                headline(summary))
             self.rundir.write_summary(summary)
             return summary
 

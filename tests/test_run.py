@@ -20,7 +20,8 @@ def scalar_tags(run_dir):
 
 def test_a_run_writes_summary_trajectory_checkpoint_and_events(make_cfg, tmp_path):
     B = 6
-    summary = run(make_cfg(f"replicas={B}", "run.steps=400", "run.log_points=20"))
+    # run.tb_tags=all: every observable's every aggregate (the default set is tests/test_tensorboard.py's)
+    summary = run(make_cfg(f"replicas={B}", "run.steps=400", "run.log_points=20", "run.tb_tags=all"))
     out = tmp_path / "run"
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["final"] == json.loads(json.dumps(summary["final"]))

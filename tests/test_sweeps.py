@@ -70,16 +70,17 @@ def test_failed_jobs_are_recorded_and_the_others_complete(tmp_path):
                            "run.on_divergence=error", "optim.lr=0.05,-1", "init.scale=1e-2,10")
     assert done.returncode != 0                  # Hydra reports the sweep failed, after every job ran
     df = collect(sweep).set_index("run")
-    assert df.loc["0", "status"] == "completed"
-    assert df.loc["1", "status"] == "failed" and df.loc["1", "why"].startswith("DivergenceError: ")
-    for job in ("2", "3"):
-        assert df.loc[job, "status"] == "failed"
-        assert df.loc[job, "why"] == "ConfigError: optim.lr=-1 is not allowed: it must be a finite number > 0."
+    job = {run.split("_", 1)[0]: run for run in df.index}     # job dirs are <number>_<overrides>
+    assert df.loc[job["0"], "status"] == "completed"
+    assert df.loc[job["1"], "status"] == "failed" and df.loc[job["1"], "why"].startswith("DivergenceError: ")
+    for number in ("2", "3"):
+        assert df.loc[job[number], "status"] == "failed"
+        assert df.loc[job[number], "why"] == "ConfigError: optim.lr=-1 is not allowed: it must be a finite number > 0."
     # the completed job's outputs are whole
-    good = json.loads((sweep / "0" / "summary.json").read_text())
+    good = json.loads((sweep / job["0"] / "summary.json").read_text())
     assert good["status"] == "completed" and good["steps"] == 200
-    assert (sweep / "0" / "trajectory.npz").is_file() and list((sweep / "0" / "tb").glob("events.*"))
-    failed = json.loads((sweep / "1" / "summary.json").read_text())
+    assert (sweep / job["0"] / "trajectory.npz").is_file() and list((sweep / job["0"] / "tb").glob("events.*"))
+    failed = json.loads((sweep / job["1"] / "summary.json").read_text())
     assert failed["status"] == "failed" and "DivergenceError" in failed["error"]["traceback"]
     assert failed["config"]["init"]["scale"] == 10 and failed["seeds"]["seed"] == 0
     # the command line lists them too
@@ -87,7 +88,7 @@ def test_failed_jobs_are_recorded_and_the_others_complete(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 1
     assert "1 completed" in listed.stdout and "3 failed" in listed.stdout
-    assert "2: failed: ConfigError: optim.lr=-1 is not allowed" in listed.stdout
+    assert f"{job['2']}: failed: ConfigError: optim.lr=-1 is not allowed" in listed.stdout
 
 
 @pytest.mark.slow
