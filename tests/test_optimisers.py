@@ -267,3 +267,27 @@ def test_weight_decay_in_the_flow_shrinks_the_balancedness_as_exp_minus_2_lambda
         # quadratic in them, and its error accumulates over the window: 1e-8 of G's scale
         assert worst < 1e-8 * scale, (t, worst)
     assert math.exp(-2 * lam * flow.time(400)) < 0.1   # G really shrank by an order of magnitude
+
+
+def test_gd_approaches_the_flow_at_rate_lr_on_the_seed_task(make_cfg):
+    """Gradient descent is the flow's Euler scheme: at fixed t its product is O(lr) from the flow's,
+    so halving lr halves the distance (the ratio within 10% of 2: the O(lr²) remainder)."""
+    common = ("task=seed2x2", "model.depth=3", "init.scale=0.3", "replicas=8")
+    lab = Lab(make_cfg(*common, "optim=flow", "optim.lr=0.1", out="flow"))
+    initial = [f.detach().clone() for f in lab.net.factors]
+    flow = build_dynamics(lab.cfg, lab.net, lab.task, lab.seeds["dynamics"])
+    flow.plan([80])
+    flow.advance(80)                                   # t = 8
+    target = chain(flow.factors())
+    distances = []
+    for lr in (0.1, 0.05, 0.025):
+        cfg = make_cfg(*common, "optim=gd", f"optim.lr={lr}", out=f"gd{lr}")
+        start = Lab(cfg)                               # the same initial conditions (same seeds)
+        assert all(torch.equal(a, b) for a, b in zip(start.net.factors, initial))
+        gd = StepDynamics(cfg, start.net, start.task, start.seeds["dynamics"])
+        gd.advance(round(8 / lr))
+        assert gd.time(round(8 / lr)) == pytest.approx(8.0, rel=1e-12)
+        distances.append((chain(gd.factors()) - target).flatten(1).norm(dim=1).median().item())
+    assert distances[0] > 1e-3                         # a measurable gap, far above the flow's tolerance
+    for coarse, fine in zip(distances, distances[1:]):
+        assert 1.8 < coarse / fine < 2.2, distances
