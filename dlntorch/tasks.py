@@ -46,18 +46,32 @@ class Task:
         raise NotImplementedError
 
     # -- energy and gradient --------------------------------------------------------
-    def energy(self, W: Tensor, weights: Tensor | None = None) -> Tensor:
-        """E(W) per replica, (B,). `weights` (from `minibatch`) reweights residuals for SGD."""
-        r = self.residual(W)
+    def energy(self, W: Tensor, weights: Tensor | None = None, label_noise: Tensor | None = None) -> Tensor:
+        """E(W) per replica, (B,). `weights` (from `minibatch`) reweights residuals for SGD;
+        `label_noise` ε (from `label_noise`) shifts the targets y → y + ε."""
+        r = self.residual(W) if label_noise is None else self.residual(W) - label_noise
         sq = r * r if weights is None else weights * r * r
         return self.coefficient * sq.flatten(1).sum(1)
 
-    def gradient(self, W: Tensor, weights: Tensor | None = None) -> Tensor:
-        """∇E(W) = 2c 𝒜*(r), (B, m, n), in closed form."""
+    def gradient(self, W: Tensor, weights: Tensor | None = None, label_noise: Tensor | None = None) -> Tensor:
+        """∇E(W) = 2c 𝒜*(r), (B, m, n), in closed form (weights and label noise as in `energy`)."""
         r = self.residual(W)
+        if label_noise is not None:
+            r = r - label_noise
         if weights is not None:
             r = weights * r
         return (2 * self.coefficient) * self.adjoint(r)
+
+    # -- label noise --------------------------------------------------------------------
+    @property
+    def targets_shape(self) -> tuple[int, ...]:
+        """The shape of one replica's residual (one entry per target)."""
+        raise NotImplementedError
+
+    def label_noise(self, replicas: int, sigma: float, generator: torch.Generator) -> Tensor:
+        """ε = σξ, ξ ~ N(0, 1) independent per replica and target: a fresh draw of noisy labels."""
+        return sigma * torch.randn(replicas, *self.targets_shape, generator=generator, device=self.device,
+                                   dtype=self.dtype)
 
     # -- minibatches ------------------------------------------------------------------
     @property
@@ -73,11 +87,16 @@ class Task:
         """Independent per-replica draws of `batch_size` units without replacement, weighted
         units/batch_size so that the minibatch energy is an unbiased estimate of E."""
         k = min(batch_size, self.units)
-        device = self.device
-        keys = torch.rand(replicas, self.units, generator=generator, device=device)
-        chosen = torch.zeros(replicas, self.units, dtype=self.dtype, device=device)
-        chosen.scatter_(1, keys.topk(k, dim=1, largest=False).indices, self.units / k)
-        return self._unit_weights(chosen)
+        keys = torch.rand(replicas, self.units, generator=generator, device=self.device)
+        return self.weights_of(keys.topk(k, dim=1, largest=False).indices)
+
+    def weights_of(self, chosen: Tensor) -> Tensor:
+        """(B, k) indices of the units in each replica's minibatch → the residuals' weights:
+        units/k on the chosen ones, so that each minibatch energy is unbiased for E."""
+        replicas, k = chosen.shape
+        weights = torch.zeros(replicas, self.units, dtype=self.dtype, device=self.device)
+        weights.scatter_(1, chosen, self.units / k)
+        return self._unit_weights(weights)
 
     # -- what the run reports -----------------------------------------------------------
     def test_error(self, W: Tensor) -> Tensor | None:
@@ -97,6 +116,38 @@ class Task:
                 setattr(self, key, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype))
         self.device, self.dtype = device, dtype
         return self
+
+
+class Reshuffled:
+    """Minibatches without replacement, by epochs: each replica walks a permutation of the units of
+    its own, drawn afresh at the start of every epoch, batch_size units per step (an epoch's last
+    batch takes what is left, weighted by its own size). The permutations are argsorts of uniform
+    keys, (B, units) in one call: no loop over replicas."""
+
+    def __init__(self, task: Task, replicas: int, batch_size: int):
+        self.task, self.replicas, self.batch_size = task, replicas, batch_size
+        self.order: Tensor | None = None       # (B, units), this epoch's permutations
+        self.position = 0                       # units of this epoch already drawn
+        self.epochs = 0                         # epochs begun
+
+    def draw(self, generator: torch.Generator) -> Tensor:
+        units = self.task.units
+        if self.position == 0:
+            keys = torch.rand(self.replicas, units, generator=generator, device=self.task.device)
+            self.order = keys.argsort(dim=1)
+            self.epochs += 1
+        chosen = self.order[:, self.position:self.position + self.batch_size]
+        self.position = (self.position + chosen.shape[1]) % units
+        return self.task.weights_of(chosen)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": None if self.order is None else self.order.cpu(), "position": self.position,
+                "epochs": self.epochs}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        order = saved["order"]
+        self.order = None if order is None else order.to(self.task.device)
+        self.position, self.epochs = saved["position"], saved["epochs"]
 
 
 def relative_error(W: Tensor, truth: Tensor, where: Tensor | None = None) -> Tensor:
@@ -123,6 +174,13 @@ class Completion(Task):
 
     def adjoint(self, r: Tensor) -> Tensor:
         return self.mask * r
+
+    @property
+    def targets_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def label_noise(self, replicas: int, sigma: float, generator: torch.Generator) -> Tensor:
+        return self.mask * super().label_noise(replicas, sigma, generator)   # only observed entries are targets
 
     @property
     def units(self) -> int:
@@ -181,6 +239,10 @@ class Sensing(Task):
         return torch.einsum("bk,kij->bij", r, self.sensors)
 
     @property
+    def targets_shape(self) -> tuple[int, ...]:
+        return (self.residuals,)
+
+    @property
     def units(self) -> int:
         return self.residuals
 
@@ -202,6 +264,10 @@ class Regression(Task):
 
     def adjoint(self, r: Tensor) -> Tensor:
         return r @ self.inputs.mT
+
+    @property
+    def targets_shape(self) -> tuple[int, ...]:
+        return tuple(self.targets.shape)
 
     @property
     def units(self) -> int:
@@ -298,12 +364,20 @@ def _check_regression(cfg: Any) -> None:
     at_least("task.samples", cfg.task.samples, 1)
 
 
-@TASKS.register("seed2x2")
+def minibatch_units(task: Any) -> int | None:
+    """How many units a minibatch of `cfg.task` draws from, as the config states it (the task's
+    registered `units`), or None where that is known only from the data (a file, a task without it)."""
+    units = TASKS[task.name].extra.get("units")
+    return None if units is None else units(task)
+
+
+@TASKS.register("seed2x2", units=lambda task: 2)
 def _seed2x2(cfg: Any, generator: torch.Generator) -> Task:
     return Seed2x2(cfg.loss)
 
 
-@TASKS.register("completion", check=_check_completion, reads_files=True)
+@TASKS.register("completion", check=_check_completion, reads_files=True,
+                units=lambda task: None if task.file is not None else task.observations)
 def _completion(cfg: Any, generator: torch.Generator) -> Task:
     if cfg.file is not None:
         mask, values, truth = load_completion_file(cfg.file)
@@ -314,7 +388,7 @@ def _completion(cfg: Any, generator: torch.Generator) -> Task:
     return Completion(mask, truth + _noise(cfg, generator, m, n), cfg.loss, truth)
 
 
-@TASKS.register("sensing", check=_check_sensing)
+@TASKS.register("sensing", check=_check_sensing, units=lambda task: task.observations)
 def _sensing(cfg: Any, generator: torch.Generator) -> Task:
     m, n = task_shape(cfg)
     truth = _truth(cfg, generator)
@@ -323,7 +397,7 @@ def _sensing(cfg: Any, generator: torch.Generator) -> Task:
     return Sensing(sensors, measurements, cfg.loss, truth)
 
 
-@TASKS.register("regression", check=_check_regression)
+@TASKS.register("regression", check=_check_regression, units=lambda task: task.samples)
 def _regression(cfg: Any, generator: torch.Generator) -> Task:
     m, n = task_shape(cfg)
     truth = _truth(cfg, generator)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import fail, one_of, parse_depth, positive_finite
+from ..errors import fail, non_negative_finite, one_of, parse_depth, positive_finite
 from ..geometry import Depth, as_depth, is_infinite_depth, metric_operator
 from ..network import DeepLinearNetwork, chain, factor_gradients
 from ..optim import OPTIMISERS
@@ -32,9 +32,14 @@ ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_STEP = ("rk4", "euler", "midpoint", "heun3")
 
 
-def upstairs_velocity(factors: Sequence[Tensor], grad_fn: GradFn) -> list[Tensor]:
-    """[−∂L/∂W_p]_p = [−(W_N ⋯ W_{p+1})^T ∇E(W) (W_{p−1} ⋯ W_1)^T]_p, one ∇E evaluation."""
-    return [-g for g in factor_gradients(factors, grad_fn)]
+def upstairs_velocity(factors: Sequence[Tensor], grad_fn: GradFn, weight_decay: float = 0.0) -> list[Tensor]:
+    """[−∂L/∂W_p]_p = [−(W_N ⋯ W_{p+1})^T ∇E(W) (W_{p−1} ⋯ W_1)^T]_p, one ∇E evaluation; with
+    weight decay λ, the flow of L + (λ/2) Σ_p ‖W_p‖²: [−∂L/∂W_p − λ W_p]_p, under which the
+    balancedness decays exactly, dG_p/dt = −2λ G_p (the L part conserves it)."""
+    gradients = factor_gradients(factors, grad_fn)
+    if not weight_decay:
+        return [-g for g in gradients]
+    return [-g - weight_decay * W for g, W in zip(gradients, factors)]
 
 
 def downstairs_velocity(W: Tensor, grad_fn: GradFn, N: Depth) -> Tensor:
@@ -116,8 +121,9 @@ def integrate_upstairs(
     atol: float = 1e-12,
     step_size: float | None = None,
     first_step: float | None = None,
+    weight_decay: float = 0.0,
 ) -> tuple[list[Tensor], int]:
-    """The gradient flow dW_p/dt = −∂L/∂W_p from `factors` at t = times[0].
+    """The gradient flow dW_p/dt = −∂L/∂W_p (− λ W_p with weight_decay λ) from `factors` at t = times[0].
 
     Returns (trajectory, evaluations): trajectory[p] has shape (T, B, d_{p+1}, d_p) and holds
     factor W_{p+1} at each of the T times, so [w[-1] for w in trajectory] is the final state;
@@ -127,7 +133,7 @@ def integrate_upstairs(
     """
     factors = tuple(factor.detach() for factor in factors)
     times = _time_grid(times, factors[0])
-    rhs = _Counted(lambda state: tuple(upstairs_velocity(list(state), grad_fn)))
+    rhs = _Counted(lambda state: tuple(upstairs_velocity(list(state), grad_fn, weight_decay)))
     trajectory = _solve(rhs, factors, times, method, rtol, atol, step_size, first_step)
     return list(trajectory), rhs.calls
 
@@ -296,20 +302,22 @@ class _FlowDynamics(Dynamics):
 
 
 class UpstairsFlow(_FlowDynamics):
-    """optim=flow: dW_p/dt = −∂L/∂W_p by an ODE solver to tolerance; with compare_downstairs the
-    downstairs g^N flow of the product runs alongside from the same (balanced) start. The state
-    is (W_1, …, W_N[, W_downstairs])."""
+    """optim=flow: dW_p/dt = −∂L/∂W_p by an ODE solver to tolerance (with optim.weight_decay λ, the
+    flow of L + (λ/2)Σ‖W_p‖²: G_p(t) = e^{−2λt} G_p(0)); with compare_downstairs the downstairs
+    g^N flow of the product runs alongside from the same (balanced) start. The state is
+    (W_1, …, W_N[, W_downstairs])."""
 
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task):
         factors = tuple(f.detach().clone() for f in net.factors)
         compare = cfg.optim.compare_downstairs
         super().__init__(cfg, net, task, factors + ((chain(factors).clone(),) if compare else ()))
         self.net, self.compare, self.N = net, compare, len(factors)
+        self.weight_decay = cfg.optim.weight_decay
         self.downstairs_evaluations = 0
 
     def integrate(self, state, times, options):
         factors = state[:self.N]
-        path, calls = integrate_upstairs(factors, self.gradient, times, **options)
+        path, calls = integrate_upstairs(factors, self.gradient, times, weight_decay=self.weight_decay, **options)
         self.gradient_evaluations += calls
         columns = list(path)
         if self.compare:
@@ -319,7 +327,7 @@ class UpstairsFlow(_FlowDynamics):
         return [tuple(x[k] for x in columns) for k in range(1, len(times))]
 
     def velocity(self, state):
-        v = upstairs_velocity(state[:self.N], self.task.gradient)
+        v = upstairs_velocity(list(state[:self.N]), self.task.gradient, self.weight_decay)
         if self.compare:      # one step sequence per replica for both flows
             self.downstairs_evaluations += 1
             v.append(downstairs_velocity(state[self.N], self.task.gradient, self.N))
@@ -391,6 +399,7 @@ class FlowConfig:
     atol: float = 1e-12
     step_control: Optional[str] = None  # dopri5: per_replica (default) | shared (one step for all replicas)
     compare_downstairs: bool = False    # integrate the downstairs flow alongside
+    weight_decay: float = 0.0           # λ: the flow of L + (λ/2) Σ_p ‖W_p‖²
 
 
 @dataclass
@@ -425,6 +434,10 @@ def _check_solver(cfg: Any) -> None:
 
 def _check_flow(cfg: Any) -> None:
     _check_solver(cfg)
+    non_negative_finite("optim.weight_decay", cfg.optim.weight_decay)
+    if cfg.optim.compare_downstairs and cfg.optim.weight_decay:
+        fail("optim.compare_downstairs", True, "it needs optim.weight_decay=0, since the downstairs flow "
+             "carries no weight decay")
     init = cfg.init
     if cfg.optim.compare_downstairs and not (init.name == "balanced"
                                              or (init.name == "unbalanced" and init.imbalance == 0)):

@@ -1,5 +1,6 @@
 """Step-based dynamics: one update rule (a registered optimiser, dlntorch.optim) per step,
-t = lr × step, with closed-form gradients on the fast path."""
+t = lr × step (t = Σ_k lr_k under a learning-rate schedule), with closed-form gradients on the
+fast path; minibatches (with or without replacement) and label noise are drawn here, per step."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,8 +10,8 @@ from torch import Tensor
 
 from .. import compat
 from ..network import DeepLinearNetwork, chain, factor_gradients
-from ..optim import OPTIMISERS, build_optimizer, fast_kernel
-from ..tasks import Task
+from ..optim import build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
+from ..tasks import Reshuffled, Task
 from .base import Dynamics
 from .graphs import CapturedSteps
 from .layouts import Workspace
@@ -40,8 +41,16 @@ class StepDynamics(Dynamics):
       factors, energy, checkpoint and observables see the same state. Layout `batch` works on
       the parameters (B, d_p, d_{p−1}) directly with `bmm`. The choice is a fixed function of
       the shapes (never timed), so a run and its resumption take the same path.
+    - a learning-rate schedule (`optim.schedule`, a torch.optim.lr_scheduler) is stepped after
+      every step on every path, so the fused kernels read the lr of step k from the param group
+      just as optimizer.step() does: both paths give the same bits. The clock t = Σ_k lr_k adds
+      the lr each step used (no closed form: exactly what the steps took); constant lr keeps
+      t = lr × step and no scheduler at all.
+    - minibatches (`optim.batch_size`; `optim.replacement=false`: epochs over a fresh permutation
+      per replica) and label noise (`optim.label_noise`, fresh per step and replica) are drawn from
+      the dynamics' generator in the same order on every path: weights, label noise, rule noise.
     - `run.cuda_graphs` (off by default):
-      on CUDA, plain `gd` replays `graph_steps` steps captured once as a CUDA graph (one launch
+      on CUDA, plain `gd` at constant lr replays `graph_steps` steps captured once as a CUDA graph (one launch
       instead of ~20 per step: tiny matrices are launch-bound); any other case, and the remainder
       of a chunk, runs eagerly — the same kernels, so the eager path is the fallback.
     """
@@ -58,7 +67,14 @@ class StepDynamics(Dynamics):
         self.optimizer = build_optimizer(cfg.optim, self.params, self.generator)
         self.closed_form = cfg.run.gradient != "autograd"
         self.name = cfg.optim.name
-        self.batch_size = cfg.optim.batch_size if OPTIMISERS[self.name].extra.get("minibatch") else None
+        self.scheduler = build_schedule(cfg.optim, self.optimizer, cfg.run.steps)
+        self.steps_done, self.clock = 0, 0.0          # steps taken and t = Σ lr_k (with a schedule)
+        self.batch_size = cfg.optim.get("batch_size")  # None: the full batch
+        if self.batch_size is not None:                # a file task's units are known only now
+            check_batch_size(self.batch_size, task.units, task.name)
+        self.reshuffled = None if self.batch_size is None or cfg.optim.get("replacement", True) else \
+            Reshuffled(task, net.replicas, self.batch_size)
+        self.label_sigma = float(cfg.optim.get("label_noise", 0.0))
         # the rule's kernel where it runs on any layout (fibre noise, a matrix exponential per
         # hidden layer, does not: the optimizer's own step)
         self.kernel = fast_kernel(self.optimizer, self.name) if self.closed_form else None
@@ -91,6 +107,7 @@ class StepDynamics(Dynamics):
                     for param, grad in zip(self.params, self._gradients(state, self._weights())):
                         param.grad = grad
                     self.optimizer.step()
+                    self._tick()
             else:
                 done = self._replay(state, steps) if self._graphs_apply() else 0
                 self._fused_steps(state, steps - done)
@@ -105,9 +122,25 @@ class StepDynamics(Dynamics):
         weights = self._weights()
         self.optimizer.zero_grad(set_to_none=True)
         # the sum hands each replica exactly its own gradient: replicas do not interact
-        self.task.energy(self.net.product(), weights).sum().backward()
+        self.task.energy(self.net.product(), weights, self._label_noise()).sum().backward()
         self.optimizer.step()
+        self._tick()
         self.gradient_evaluations += 1
+
+    def _tick(self) -> None:
+        """After one step: with a schedule, t gains the lr the step used, then the lr moves on."""
+        if self.scheduler is not None:
+            self.clock += self.optimizer.param_groups[0]["lr"]
+            self.steps_done += 1
+            schedule_step(self.scheduler)
+
+    def time(self, step: int) -> float:
+        """t = lr × step, or with a schedule Σ_{k<step} lr_k, known at the step reached."""
+        if self.scheduler is None:
+            return super().time(step)
+        if step != self.steps_done:
+            raise ValueError(f"t under a schedule is known at the step reached ({self.steps_done}), not {step}")
+        return self.clock
 
     def factors(self) -> list[Tensor]:
         return [p.detach() for p in self.params]
@@ -120,17 +153,32 @@ class StepDynamics(Dynamics):
     def energy(self) -> Tensor:
         return self.task.energy(chain(self.factors()))
 
+    def counters(self) -> dict[str, int]:
+        return {} if self.reshuffled is None else {"epochs": self.reshuffled.epochs}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"factors": [p.detach().cpu() for p in self.params],
-                "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(),
-                "gradient_evaluations": self.gradient_evaluations}
+        state = {"factors": [p.detach().cpu() for p in self.params],
+                 "optimizer": self.optimizer.state_dict(),
+                 "generator": self.generator.get_state(),
+                 "gradient_evaluations": self.gradient_evaluations}
+        if self.scheduler is not None:
+            state["schedule"] = {"scheduler": self.scheduler.state_dict(), "steps": self.steps_done,
+                                 "t": self.clock}
+        if self.reshuffled is not None:
+            state["epochs"] = self.reshuffled.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.set_factors([f.to(self.params[0].device) for f in state["factors"]])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.gradient_evaluations = state["gradient_evaluations"]
+        if self.scheduler is not None:
+            saved = state["schedule"]
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.steps_done, self.clock = saved["steps"], saved["t"]
+        if self.reshuffled is not None:
+            self.reshuffled.load_state_dict(state["epochs"])
 
     # -- the state the hot loop works on ------------------------------------------------
     def _state_in(self) -> list[Tensor]:
@@ -156,14 +204,20 @@ class StepDynamics(Dynamics):
         self._work.versions = [(f.data_ptr(), compat.tensor_version(f)) for f in factors]
 
     def _weights(self) -> Tensor | None:
-        return None if self.batch_size is None else \
-            self.task.minibatch(self.net.replicas, self.batch_size, self.generator)
+        if self.batch_size is None:
+            return None
+        if self.reshuffled is not None:
+            return self.reshuffled.draw(self.generator)
+        return self.task.minibatch(self.net.replicas, self.batch_size, self.generator)
+
+    def _label_noise(self) -> Tensor | None:
+        return self.task.label_noise(self.net.replicas, self.label_sigma, self.generator) if self.label_sigma else None
 
     # -- closed-form gradients ------------------------------------------------------------
     def _gradients(self, state: list[Tensor], weights: Tensor | None) -> list[Tensor]:
         """∂L/∂W_p for all p by the chain rule on the working layout, into the workspace."""
-        work = self._work
-        return factor_gradients(state, lambda W: work.from_task(self.task.gradient(work.to_task(W), weights)),
+        work, noise = self._work, self._label_noise()
+        return factor_gradients(state, lambda W: work.from_task(self.task.gradient(work.to_task(W), weights, noise)),
                                 work.mm, work.T, work)
 
     def _fused_steps(self, state: list[Tensor], steps: int) -> None:
@@ -171,10 +225,13 @@ class StepDynamics(Dynamics):
         draws = work.noise if self._draws else None
         for _ in range(steps):
             kernel(optimizer, state, self._gradients(state, self._weights()), draws, work.view)
+            self._tick()
 
     # -- CUDA graphs --------------------------------------------------------------------
     def _graphs_apply(self) -> bool:
-        return self.cuda_graphs and self.name == "gd" and self.params[0].device.type == "cuda"
+        # a captured graph bakes in its lr: only at constant lr (no schedule) and without label noise
+        return (self.cuda_graphs and self.name == "gd" and self.scheduler is None and not self.label_sigma
+                and self.params[0].device.type == "cuda")
 
     def _replay(self, state: list[Tensor], steps: int) -> int:
         """Replay the captured `graph_steps` steps as often as they fit; returns the steps done.
