@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from .errors import ConfigError
 from .geometry import balance_gap, entropy
 from .network import balancedness_of, chain
 from .tasks import Task
