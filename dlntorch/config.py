@@ -42,8 +42,10 @@ class TaskConfig:
     samples: int = 100                  # regression: number of input samples
     noise: float = 0.0                  # std of additive noise on observed values
     loss: str = "half_sum"              # half_sum: ½Σr², mean: Σr²/M, half_mean: Σr²/(2M)
-    file: Optional[str] = None          # completion from a .npz/.pt with `mask` and `values`
+    file: Optional[str] = None          # completion: .npz/.pt with `mask`, `values`; sensing: `sensors`, `values`
     seed: Optional[int] = None          # data seed; None derives it from the top-level seed
+    # [{at: step, observations: count}, …]: nested observed sets switched at those steps
+    schedule: Optional[list[dict[str, int]]] = None
 
 
 @dataclass

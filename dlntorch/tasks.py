@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .arrays import load_completion_file
+from .arrays import load_completion_file, load_sensing_file
 from .errors import at_least, fail
 from .geometry import haar_semi_orthogonal
 from .registry import Registry
@@ -34,9 +34,28 @@ class Task:
     def __init__(self, shape: tuple[int, int], loss: str, residuals: int, truth: Tensor | None):
         self.shape = shape
         self.loss = loss
-        self.residuals = residuals        # M, the number of scalar residuals
-        self.coefficient = LOSS_COEFFICIENTS[loss](residuals)
+        self.count(residuals)
         self.truth = truth                # ground truth W*, (m, n), where one exists
+        self.schedule: Schedule | None = None   # task.schedule: the observed set changes at given steps
+
+    def count(self, residuals: int) -> None:
+        """M, the number of scalar residuals, and the loss coefficient c that depends on it."""
+        self.residuals = residuals
+        self.coefficient = LOSS_COEFFICIENTS[self.loss](residuals)
+
+    # -- a schedule of observed sets (task.schedule) ------------------------------------
+    def follow_schedule(self, step: int) -> bool:
+        """Observe the set the schedule names for `step` (the latest entry with at ≤ step);
+        True when that changed the task. The phase is a function of the step alone, so a
+        resumed run restores it from its step."""
+        if self.schedule is None or self.schedule.count_at(step) == self.residuals:
+            return False
+        self.observe_first(self.schedule.count_at(step))
+        return True
+
+    def observe_first(self, count: int) -> None:
+        """Observe the first `count` units of the task's one random order (nested prefixes)."""
+        raise NotImplementedError(f"task.name={self.name!r} has no schedule of observed sets")
 
     # -- the measurement and its adjoint -------------------------------------------
     def residual(self, W: Tensor) -> Tensor:
@@ -89,7 +108,10 @@ class Task:
     def observables(self, W: Tensor) -> dict[str, Tensor]:
         """Task-specific observables, each (B,)."""
         error = self.test_error(W)
-        return {} if error is None else {"test_error": error}
+        out = {} if error is None else {"test_error": error}
+        if self.schedule is not None:      # the observed set's size, so the switch shows in every record
+            out["observations"] = torch.full(W.shape[:1], float(self.residuals), dtype=W.dtype, device=W.device)
+        return out
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "Task":
         for key, value in vars(self).items():
@@ -117,6 +139,22 @@ class Completion(Task):
         self.mask = mask.to(values.dtype)
         self.values = torch.where(mask, values, torch.zeros_like(values))
         self._observed = mask.flatten().nonzero().squeeze(1)   # flat indices of observed entries
+
+    def scheduled(self, schedule: "Schedule", order: Tensor, values: Tensor) -> "Completion":
+        """Follow `schedule`: its sets are the prefixes of `order` (a permutation of the flat
+        entries), the values of every entry `values` (m, n)."""
+        self.schedule, self._order, self._all_values = schedule, order, values
+        return self
+
+    def observe_first(self, count: int) -> None:
+        # in place: anything holding the mask or the values (a captured CUDA graph) sees the switch
+        mask = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.bool, device=self.mask.device)
+        mask[self._order[:count].to(mask.device)] = True
+        mask = mask.view(self.shape)
+        self.mask.copy_(mask)
+        self.values.copy_(torch.where(mask, self._all_values, torch.zeros_like(self._all_values)))
+        self._observed = mask.flatten().nonzero().squeeze(1)
+        self.count(count)
 
     def residual(self, W: Tensor) -> Tensor:
         return self.mask * (W - self.values)
@@ -173,9 +211,23 @@ class Sensing(Task):
         super().__init__(tuple(sensors.shape[1:]), loss, sensors.shape[0], truth)
         self.sensors = sensors            # (M, m, n)
         self.measurements = measurements  # (M,)
+        self.active: Tensor | None = None  # scheduled: 1 on the measurements used so far, else 0
+
+    def scheduled(self, schedule: "Schedule") -> "Sensing":
+        """Follow `schedule`: its sets are the first k of the measurements (drawn i.i.d., so
+        their order is already random)."""
+        self.schedule = schedule
+        self.active = torch.ones_like(self.measurements)
+        self.follow_schedule(0)
+        return self
+
+    def observe_first(self, count: int) -> None:
+        self.active.copy_((torch.arange(self.active.shape[0], device=self.active.device) < count).to(self.active.dtype))
+        self.count(count)
 
     def residual(self, W: Tensor) -> Tensor:
-        return torch.einsum("kij,bij->bk", self.sensors, W) - self.measurements
+        r = torch.einsum("kij,bij->bk", self.sensors, W) - self.measurements
+        return r if self.active is None else self.active * r
 
     def adjoint(self, r: Tensor) -> Tensor:
         return torch.einsum("bk,kij->bij", r, self.sensors)
@@ -185,7 +237,9 @@ class Sensing(Task):
         return self.residuals
 
     def _unit_weights(self, chosen: Tensor) -> Tensor:
-        return chosen
+        # scheduled: the units are the first `residuals` measurements, the rest weigh 0
+        return chosen if chosen.shape[1] == self.sensors.shape[0] else \
+            torch.nn.functional.pad(chosen, (0, self.sensors.shape[0] - chosen.shape[1]))
 
 
 class Regression(Task):
@@ -233,10 +287,80 @@ def truth_with_spectrum(m: int, n: int, spectrum: list[float], generator: torch.
 
 
 def uniform_mask(m: int, n: int, count: int, generator: torch.Generator) -> Tensor:
-    """`count` entries drawn uniformly without replacement."""
+    """`count` entries drawn uniformly without replacement (the first `count` of `entry_order`)."""
     mask = torch.zeros(m * n, dtype=torch.bool)
-    mask[torch.randperm(m * n, generator=generator)[:count]] = True
+    mask[entry_order(m, n, generator)[:count]] = True
     return mask.view(m, n)
+
+
+def entry_order(m: int, n: int, generator: torch.Generator) -> Tensor:
+    """One uniformly random order of the m·n flat entries: its prefixes are nested observed sets."""
+    return torch.randperm(m * n, generator=generator)
+
+
+# ------------------------------------------------------------------------------ schedules
+
+class Schedule:
+    """task.schedule = [{at: 0, observations: k_0}, {at: s_1, observations: k_1}, …]: from step
+    s_i on the task observes k_i units (entries, measurements), the first k_i of one random order,
+    so each set contains the ones before it. The switch at s_i happens once the step count reaches
+    s_i, before the stop test and the logged row of that step: the energy logged at s_i is already
+    the larger set's."""
+
+    def __init__(self, steps: list[int], counts: list[int]):
+        self.steps, self.counts = steps, counts
+
+    @classmethod
+    def of(cls, entries: Any) -> "Schedule | None":
+        if entries is None:
+            return None
+        return cls([int(e["at"]) for e in entries], [int(e["observations"]) for e in entries])
+
+    @property
+    def switches(self) -> list[int]:
+        """The steps at which the observed set changes (the first entry's at = 0 is the start)."""
+        return self.steps[1:]
+
+    @property
+    def largest(self) -> int:
+        return self.counts[-1]
+
+    def count_at(self, step: int) -> int:
+        return self.counts[max(i for i, at in enumerate(self.steps) if at <= step)]
+
+    def record(self, time) -> list[dict[str, Any]]:
+        """The switches as summary.json records them: step, t = time(step) and the count."""
+        return [{"at": at, "t": time(at), "observations": k} for at, k in zip(self.steps, self.counts)]
+
+
+def _check_schedule(cfg: Any, units: int | None, unit: str) -> None:
+    """task.schedule: entries {at, observations}, at starting at 0 and increasing, the counts
+    nested (non-decreasing) and at most `units` (None: no bound)."""
+    schedule, key = cfg.task.schedule, "task.schedule"
+    if schedule is None:
+        return
+    if cfg.task.file is not None:
+        fail(key, schedule, "a schedule draws its nested sets from generated data, not from task.file")
+    entries = list(schedule)
+    if not entries or any(not hasattr(e, "keys") or set(e.keys()) != {"at", "observations"} for e in entries):
+        fail(key, schedule, "it must be a non-empty list of {at: step, observations: count} entries")
+    steps, counts = [e["at"] for e in entries], [e["observations"] for e in entries]
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in steps + counts):
+        fail(key, schedule, "every at and observations must be an integer")
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        fail(key, schedule, f"its times at={steps} must start at 0 and increase strictly")
+    if counts[0] < 1 or any(b < a for a, b in zip(counts, counts[1:])):
+        fail(key, schedule, f"its sets must be nested, each containing the one before, so the counts "
+             f"observations={counts} must be ≥ 1 and never decrease")
+    if units is not None and counts[-1] > units:
+        fail(key, schedule, f"its largest set ({counts[-1]} {unit}) exceeds the {units} {unit} of the matrix")
+
+
+def _no_schedule(cfg: Any) -> None:
+    if cfg.task.schedule is not None:
+        scheduled = [name for name, option in TASKS.options.items() if option.extra.get("schedules")]
+        fail("task.schedule", cfg.task.schedule, f"task={cfg.task.name} has no schedule of observed sets; "
+             "only " + " and ".join(f"task={name}" for name in scheduled) + " have")
 
 
 def task_shape(task: Any) -> tuple[int, int]:
@@ -279,48 +403,68 @@ def _check_truth(cfg: Any) -> None:
 
 def _check_completion(cfg: Any) -> None:
     task = cfg.task
+    _check_schedule(cfg, None if task.file is not None else math.prod(task_shape(task)), "entries")
     if task.file is not None:
         return
     _check_truth(cfg)
     m, n = task_shape(task)
+    if task.schedule is not None:
+        return          # the schedule's counts replace task.observations
     at_least("task.observations", task.observations, 1)
     if task.observations > m * n:
         fail("task.observations", task.observations, f"it must be between 1 and the {m * n} entries of a {m}x{n} matrix")
 
 
 def _check_sensing(cfg: Any) -> None:
+    _check_schedule(cfg, None, "measurements")
+    if cfg.task.file is not None:
+        return          # its shapes are checked when it is read (arrays.load_sensing_file)
     _check_truth(cfg)
-    at_least("task.observations", cfg.task.observations, 1)
+    if cfg.task.schedule is None:
+        at_least("task.observations", cfg.task.observations, 1)
 
 
 def _check_regression(cfg: Any) -> None:
+    _no_schedule(cfg)
     _check_truth(cfg)
     at_least("task.samples", cfg.task.samples, 1)
 
 
-@TASKS.register("seed2x2")
+@TASKS.register("seed2x2", check=_no_schedule)
 def _seed2x2(cfg: Any, generator: torch.Generator) -> Task:
     return Seed2x2(cfg.loss)
 
 
-@TASKS.register("completion", check=_check_completion, reads_files=True)
+@TASKS.register("completion", check=_check_completion, reads_files=True, schedules=True)
 def _completion(cfg: Any, generator: torch.Generator) -> Task:
     if cfg.file is not None:
         mask, values, truth = load_completion_file(cfg.file)
         return Completion(mask, values, cfg.loss, truth)
     m, n = task_shape(cfg)
     truth = _truth(cfg, generator)
-    mask = uniform_mask(m, n, cfg.observations, generator)
-    return Completion(mask, truth + _noise(cfg, generator, m, n), cfg.loss, truth)
+    schedule = Schedule.of(cfg.schedule)
+    # the same draws as without a schedule: its first set is the mask of observations = k_0
+    order = entry_order(m, n, generator)
+    mask = torch.zeros(m * n, dtype=torch.bool)
+    mask[order[:cfg.observations if schedule is None else schedule.counts[0]]] = True
+    values = truth + _noise(cfg, generator, m, n)
+    task = Completion(mask.view(m, n), values, cfg.loss, truth)
+    return task if schedule is None else task.scheduled(schedule, order, values)
 
 
-@TASKS.register("sensing", check=_check_sensing)
+@TASKS.register("sensing", check=_check_sensing, reads_files=True, schedules=True)
 def _sensing(cfg: Any, generator: torch.Generator) -> Task:
+    schedule = Schedule.of(cfg.schedule)
+    if cfg.file is not None:
+        sensors, measurements, truth = load_sensing_file(cfg.file)
+        return Sensing(sensors, measurements, cfg.loss, truth)
     m, n = task_shape(cfg)
     truth = _truth(cfg, generator)
-    sensors = torch.randn(cfg.observations, m, n, generator=generator, dtype=torch.float64)
-    measurements = torch.einsum("kij,ij->k", sensors, truth) + _noise(cfg, generator, cfg.observations)
-    return Sensing(sensors, measurements, cfg.loss, truth)
+    K = cfg.observations if schedule is None else schedule.largest
+    sensors = torch.randn(K, m, n, generator=generator, dtype=torch.float64)
+    measurements = torch.einsum("kij,ij->k", sensors, truth) + _noise(cfg, generator, K)
+    task = Sensing(sensors, measurements, cfg.loss, truth)
+    return task if schedule is None else task.scheduled(schedule)
 
 
 @TASKS.register("regression", check=_check_regression)
