@@ -61,6 +61,7 @@ class InitConfig:
     scale_of: str = "layer"             # layer: per-layer std; product: typical product entry
     imbalance: float = 1.0              # unbalanced: the requested ‖G‖ (total Frobenius norm)
     file: Optional[str] = None          # file: factors or products from a .pt/.npz (see init.from_file)
+    det_sign: str = "any"               # any | positive | negative: det W0's sign (init.with_det_sign)
     seed: Optional[int] = None          # None derives it from the top-level seed
 
 

@@ -157,3 +157,34 @@ def test_a_malformed_schedule_is_refused_in_one_sentence(make_cfg, schedule, mes
 def test_a_schedule_is_refused_where_the_task_has_none(make_cfg):
     with pytest.raises(ConfigError, match=r"task=seed2x2 has no schedule.*task=completion and task=sensing"):
         run(make_cfg("task.schedule=[{at:0,observations:1}]"))
+
+
+# ------------------------------------------------------------------ task=sensing task.file
+
+def test_sensing_from_a_file_is_the_energy_of_its_measurements(make_cfg, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    sensors = torch.randn(7, 3, 4, generator=gen, dtype=torch.float64)
+    truth = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    values = torch.einsum("kij,ij->k", sensors, truth)
+    torch.save({"sensors": sensors, "values": values, "truth": truth}, tmp_path / "sensing.pt")
+    summary = run(make_cfg("task=sensing", f"task.file={tmp_path / 'sensing.pt'}", "task.loss=half_sum",
+                           "replicas=2", "run.steps=3", "run.log_points=4", "init.scale=0.5"))
+    assert summary["widths"][0] == 4 and summary["widths"][-1] == 3
+    task = build_task(make_cfg("task=sensing", f"task.file={tmp_path / 'sensing.pt'}", "task.loss=half_sum").task, 0)
+    W = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    r = torch.einsum("kij,bij->bk", sensors, W) - values       # an independent ½Σ r²
+    np.testing.assert_allclose(task.energy(W), 0.5 * (r ** 2).sum(1), rtol=1e-13)
+    np.testing.assert_allclose(task.test_error(truth[None]), [0.0], atol=1e-15)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"sensors": torch.zeros(5, 3, 3), "values": torch.zeros(4)}, r"sensors must be \(K, m, n\).*values \(4,\)"),
+    ({"sensors": torch.zeros(5, 3, 3), "values": torch.zeros(5), "truth": torch.zeros(3, 2)}, r"truth \(3, 2\)"),
+    ({"sensors": torch.zeros(5, 9), "values": torch.zeros(5)}, r"sensors \(5, 9\)"),
+    ({"mask": torch.ones(3, 3), "values": torch.zeros(3, 3)}, r"needs arrays named 'sensors'"),
+])
+def test_a_sensing_file_of_the_wrong_shape_is_refused_in_one_sentence(make_cfg, tmp_path, arrays, message):
+    torch.save(arrays, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match=message) as error:
+        run(make_cfg("task=sensing", f"task.file={tmp_path / 'bad.pt'}"))
+    assert str(error.value).startswith("task.file=")
