@@ -183,7 +183,8 @@ def _check_det_sign(cfg: Any) -> None:
     if m != n:
         fail("init.det_sign", sign, f"a determinant needs a square product, not {m}x{n}; use any")
     if widths is not None and min(widths) < n:
-        fail("init.det_sign", sign, f"model.widths={widths} has a layer narrower than {n}, so det W0 = 0 always; use any")
+        fail("init.det_sign", sign,
+             f"model.widths={widths} has a layer narrower than {n}, so det W0 = 0 always; use any")
 
 
 # -- registered: each adapts cfg.init to its initialiser -----------------------------------

@@ -113,7 +113,7 @@ class Task:
             out["observations"] = torch.full(W.shape[:1], float(self.residuals), dtype=W.dtype, device=W.device)
         return out
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Task":
+    def to(self, device: torch.device, dtype: torch.dtype) -> Task:
         for key, value in vars(self).items():
             if isinstance(value, Tensor):
                 setattr(self, key, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype))
@@ -140,7 +140,7 @@ class Completion(Task):
         self.values = torch.where(mask, values, torch.zeros_like(values))
         self._observed = mask.flatten().nonzero().squeeze(1)   # flat indices of observed entries
 
-    def scheduled(self, schedule: "Schedule", order: Tensor, values: Tensor) -> "Completion":
+    def scheduled(self, schedule: Schedule, order: Tensor, values: Tensor) -> Completion:
         """Follow `schedule`: its sets are the prefixes of `order` (a permutation of the flat
         entries), the values of every entry `values` (m, n)."""
         self.schedule, self._order, self._all_values = schedule, order, values
@@ -213,7 +213,7 @@ class Sensing(Task):
         self.measurements = measurements  # (M,)
         self.active: Tensor | None = None  # scheduled: 1 on the measurements used so far, else 0
 
-    def scheduled(self, schedule: "Schedule") -> "Sensing":
+    def scheduled(self, schedule: Schedule) -> Sensing:
         """Follow `schedule`: its sets are the first k of the measurements (drawn i.i.d., so
         their order is already random)."""
         self.schedule = schedule
@@ -311,7 +311,7 @@ class Schedule:
         self.steps, self.counts = steps, counts
 
     @classmethod
-    def of(cls, entries: Any) -> "Schedule | None":
+    def of(cls, entries: Any) -> Schedule | None:
         if entries is None:
             return None
         return cls([int(e["at"]) for e in entries], [int(e["observations"]) for e in entries])

@@ -137,7 +137,8 @@ def test_det_sign_conditions_every_replica_by_reflecting_the_first_column_of_W1(
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["task=completion", "task.shape=[3,4]", "task.observations=5"], r"init\.det_sign='positive' is not allowed: a determinant needs a square product, not 3x4"),
+    (["task=completion", "task.shape=[3,4]", "task.observations=5"],
+     r"init\.det_sign='positive' is not allowed: a determinant needs a square product, not 3x4"),
     (["model.widths=[2,1,2]"], r"has a layer narrower than 2, so det W0 = 0 always"),
     (["init=file", "init.file=x.pt"], r"init=file gives its factors as they are"),
     (["init.det_sign=sometimes"], r"init\.det_sign='sometimes' is not allowed: choose one of any, positive, negative"),

@@ -46,7 +46,7 @@ def test_the_switch_is_exact(make_cfg, tmp_path):
     logged at the switch step holds the larger set's energy of the same factors."""
     args = [*COMPLETION, "run.steps=50", "run.log_points=60"]
     summary = run(make_cfg(*args, SCHEDULE, out="scheduled"))
-    small = run(make_cfg(*args, "task.observations=10", out="small"))
+    run(make_cfg(*args, "task.observations=10", out="small"))
     rows, plain = trajectory(tmp_path / "scheduled"), trajectory(tmp_path / "small")
     assert rows["observations"][:, 0].tolist() == [10.0] * 50 + [25.0]
     assert np.array_equal(rows["energy"][:-1], plain["energy"][:-1])
@@ -67,8 +67,8 @@ def test_gd_at_depth_one_follows_the_switched_mask_step_by_step(make_cfg, tmp_pa
     run(make_cfg(*args, SCHEDULE))
     cfg = make_cfg(*args, SCHEDULE)
     task = build_task(cfg.task, 3)
-    from dlntorch.init import initial_factors
     from dlntorch.config import derive_seeds
+    from dlntorch.init import initial_factors
     W = initial_factors(cfg.init, [6, 6], 3, derive_seeds(cfg)["init"])[0]
     for step in range(90):
         task.follow_schedule(step)
@@ -86,8 +86,8 @@ def test_the_exact_flow_switches_at_the_switch_time(make_cfg, tmp_path):
     first = task.mask.clone()
     task.follow_schedule(50)
     second = task.mask - first
-    from dlntorch.init import initial_factors
     from dlntorch.config import derive_seeds
+    from dlntorch.init import initial_factors
     W0 = initial_factors(cfg.init, [6, 6], 3, derive_seeds(cfg)["init"])[0]
     Y = task.values
     t, T = 9.0, 5.0
