@@ -34,11 +34,14 @@ def gaussian(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.
     layer:   σ_p = scale for every layer.
     product: σ_1 = scale^{1/N}, σ_p = scale^{1/N}/√d_{p−1} (p ≥ 2): a product entry sums
              Π_{p<N} d_p terms, so Var W_ij = scale^2 — the product's typical entry is `scale`.
+    fan_in:  σ_p = scale^{1/N}/√d_{p−1} for every p (Arora et al. 2019's convention, their
+             "init" = scale): the product's typical entry is scale/√d_0.
     """
     depth = len(widths) - 1
     factors = []
     for p, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
-        std = scale if scale_of == "layer" else scale ** (1 / depth) / (math.sqrt(d_in) if p > 1 else 1.0)
+        std = scale if scale_of == "layer" else \
+            scale ** (1 / depth) / (math.sqrt(d_in) if p > 1 or scale_of == "fan_in" else 1.0)
         factors.append(std * torch.randn(B, d_out, d_in, generator=gen, dtype=torch.float64))
     return factors
 
@@ -168,7 +171,11 @@ def with_det_sign(factors: Factors, sign: str) -> Factors:
 
 
 def _check_det_sign(cfg: Any) -> None:
-    """init.det_sign needs a square product of full rank, and a start that is drawn here."""
+    """init.det_sign needs a square product of full rank, and a start that is drawn here;
+    (shared by every init's check) scale_of=fan_in is gaussian's only."""
+    if cfg.init.scale_of == "fan_in" and cfg.init.name != "gaussian":
+        fail("init.scale_of", "fan_in", f"only init=gaussian draws per fan-in, not init={cfg.init.name}; "
+             "use layer or product")
     sign = cfg.init.det_sign
     one_of("init.det_sign", sign, DET_SIGNS)
     if sign == "any":

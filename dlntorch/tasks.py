@@ -182,6 +182,8 @@ class Completion(Task):
         out = super().observables(W)
         if self.truth is not None:
             out["relative_error"] = relative_error(W, self.truth)
+        elif bool((self.mask == 0).any()):   # no truth to compare with: how large the unobserved part grew
+            out["hidden_norm"] = ((1 - self.mask) * W).flatten(1).norm(dim=1)
         return out
 
 
@@ -267,14 +269,16 @@ class Regression(Task):
 
 # ------------------------------------------------------------------------------ builders
 
-def low_rank_truth(m: int, n: int, rank: int, generator: torch.Generator) -> Tensor:
-    """U V^T with Gaussian factors, scaled to spectral norm 1: the seed problem's scale (its
-    target I has s = 1), so one learning rate suits every size (a truth with entries of unit
-    size would have σ_1 ~ √(mn) and make GD unstable at the default lr for large matrices)."""
+def low_rank_truth(m: int, n: int, rank: int, generator: torch.Generator, normalise: str = "spectral",
+                   scale: float = 1.0) -> Tensor:
+    """U V^T with Gaussian factors, scaled to spectral norm `scale` (default 1: the seed problem's
+    scale, its target I has s = 1, so one learning rate suits every size; a truth with entries of
+    unit size would have σ_1 ~ √(mn) and make GD unstable at the default lr for large matrices),
+    or to Frobenius norm `scale` (normalise="frobenius": Arora et al. 2019's convention, scale 100)."""
     U = torch.randn(m, rank, generator=generator, dtype=torch.float64)
     V = torch.randn(n, rank, generator=generator, dtype=torch.float64)
     truth = U @ V.T
-    return truth / torch.linalg.matrix_norm(truth, ord=2)
+    return scale * truth / torch.linalg.matrix_norm(truth, ord=2 if normalise == "spectral" else "fro")
 
 
 def truth_with_spectrum(m: int, n: int, spectrum: list[float], generator: torch.Generator) -> Tensor:
@@ -378,7 +382,7 @@ def task_shape(task: Any) -> tuple[int, int]:
 def _truth(cfg: Any, generator: torch.Generator) -> Tensor:
     """The ground truth W*: rank cfg.rank (low_rank_truth) or singular values cfg.spectrum."""
     m, n = task_shape(cfg)
-    return low_rank_truth(m, n, cfg.rank, generator) if cfg.spectrum is None else \
+    return low_rank_truth(m, n, cfg.rank, generator, cfg.normalise, cfg.scale) if cfg.spectrum is None else \
         truth_with_spectrum(m, n, cfg.spectrum, generator)
 
 
@@ -387,9 +391,13 @@ def _noise(cfg: Any, generator: torch.Generator, *shape: int) -> Tensor:
 
 
 def _check_truth(cfg: Any) -> None:
-    """rank or spectrum of a drawn ground truth fits its m×n matrix."""
+    """rank or spectrum of a drawn ground truth fits its m×n matrix; its normalisation."""
     task = cfg.task
     m, n = task_shape(task)
+    if task.normalise not in ("spectral", "frobenius"):
+        fail("task.normalise", task.normalise, "choose one of spectral, frobenius")
+    if not (math.isfinite(task.scale) and task.scale > 0):
+        fail("task.scale", task.scale, "it must be a finite number > 0")
     if task.spectrum is not None:
         spectrum = list(task.spectrum)
         if not spectrum or len(spectrum) > min(m, n) or any(not (math.isfinite(x) and x > 0) for x in spectrum):
@@ -401,8 +409,28 @@ def _check_truth(cfg: Any) -> None:
             fail("task.rank", task.rank, f"it must be at most min(m, n) = {min(m, n)} for a {m}x{n} matrix")
 
 
+def listed_entries(task: Any) -> tuple[Tensor, Tensor]:
+    """task.entries [[i, j, value], …] → (flat indices in the listed order, values)."""
+    m, n = task_shape(task)
+    rows = [list(e) for e in task.entries]
+    bad = [e for e in rows if len(e) != 3 or not all(float(x).is_integer() for x in e[:2])
+           or not (0 <= e[0] < m and 0 <= e[1] < n) or not math.isfinite(e[2])]
+    if not rows or bad:
+        fail("task.entries", task.entries, f"it must list [i, j, value] with 0 ≤ i < {m}, 0 ≤ j < {n} and a "
+             f"finite value (the first bad one: {bad[0] if bad else None})")
+    flat = torch.tensor([int(i) * n + int(j) for i, j, _ in rows])
+    if flat.unique().numel() != flat.numel():
+        fail("task.entries", task.entries, "it must list every entry at most once")
+    return flat, torch.tensor([float(v) for _, _, v in rows], dtype=torch.float64)
+
+
 def _check_completion(cfg: Any) -> None:
     task = cfg.task
+    if task.entries is not None:
+        if task.file is not None:
+            fail("task.entries", task.entries, "give the observed entries either here or in task.file, not both")
+        _check_schedule(cfg, len(listed_entries(task)[0]), "listed entries")
+        return
     _check_schedule(cfg, None if task.file is not None else math.prod(task_shape(task)), "entries")
     if task.file is not None:
         return
@@ -441,8 +469,16 @@ def _completion(cfg: Any, generator: torch.Generator) -> Task:
         mask, values, truth = load_completion_file(cfg.file)
         return Completion(mask, values, cfg.loss, truth)
     m, n = task_shape(cfg)
-    truth = _truth(cfg, generator)
     schedule = Schedule.of(cfg.schedule)
+    if cfg.entries is not None:      # listed: a schedule's sets are prefixes of the list
+        order, listed = listed_entries(cfg)
+        values = torch.zeros(m * n, dtype=torch.float64)
+        values[order] = listed
+        mask = torch.zeros(m * n, dtype=torch.bool)
+        mask[order[:len(order) if schedule is None else schedule.counts[0]]] = True
+        task = Completion(mask.view(m, n), values.view(m, n), cfg.loss)
+        return task if schedule is None else task.scheduled(schedule, order, values.view(m, n))
+    truth = _truth(cfg, generator)
     # the same draws as without a schedule: its first set is the mask of observations = k_0
     order = entry_order(m, n, generator)
     mask = torch.zeros(m * n, dtype=torch.bool)
