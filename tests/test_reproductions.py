@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from test_atlas import check_outputs
 
 from dlntorch.atlas import measure
 from dlntorch.atlas.saxe2014 import half_time
 from dlntorch.config import ConfigError
 from dlntorch.tasks import build_task
 from dlntorch.train import run
-from test_atlas import check_outputs
 
 # ------------------------------------------------------------------ conventions
 
@@ -68,7 +68,7 @@ def test_the_half_time_quadrature_against_mpmath():
     (tanh-sinh to 15 digits) and, at N = 2, against the logistic's closed form."""
     mpmath = pytest.importorskip("mpmath")
     for depth, s, u0 in ((3, 3.0, 1e-3), (4, 1.0, 1e-3), (5, 2.0, 1e-2)):
-        exact = mpmath.quad(lambda u: 1 / (depth * u ** (2 - mpmath.mpf(2) / depth) * (s - u)), [u0, 0.01, s / 2])
+        exact = mpmath.quad(lambda u, N=depth, s=s: 1 / (N * u ** (2 - mpmath.mpf(2) / N) * (s - u)), [u0, 0.01, s / 2])
         assert half_time(s, u0, depth) == pytest.approx(float(exact), rel=1e-9)
     exact = mpmath.quad(lambda u: 1 / (2 * u * (3 - u)), [1e-3, 1.5])
     assert half_time(3.0, 1e-3, 2) == pytest.approx(float(exact), rel=1e-12)

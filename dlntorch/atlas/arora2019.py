@@ -48,7 +48,8 @@ def measure(book: Notebook) -> None:
                      "test_error_se": standard_error(final["test_error"]),
                      "effective_rank_mean": float(final["effective_rank"].mean()),
                      "train_loss_max": float(final["energy"].max()), "steps": summary["steps"],
-                     "stopped_by": summary["stopped_by"], "replicas": int(live.sum()), "wall_time": summary["wall_time"]})
+                     "stopped_by": summary["stopped_by"], "replicas": int(live.sum()),
+                     "wall_time": summary["wall_time"]})
     book.table(rows)
     book.say("GD to train loss 1e-6 (" + str(s["size"]) + "x" + str(s["size"]) + ", rank " + str(s["rank"]) + ", "
              + str(s["observations"]) + " entries): " + "; ".join(

@@ -32,6 +32,11 @@ def config(depth: int, dtype: str, steps: int, replicas: int, lr: float) -> dict
             "replicas": replicas, "seed": 0, "dtype": dtype}
 
 
+def median(values: np.ndarray, where: np.ndarray) -> float:
+    """The median of the selected replicas (NaN when none is selected)."""
+    return float(np.median(values[where])) if where.any() else np.nan
+
+
 def measure(book: Notebook) -> None:
     quick = book.quick
     depths, dtypes = ([3], ["float64"]) if quick else ([2, 3, 4], ["float64", "float32"])
@@ -50,13 +55,14 @@ def measure(book: Notebook) -> None:
             rows.append({"depth": depth, "dtype": dtype, "replicas": kept.size,
                          "det_kept_positive": int(kept.sum()), "det_kept_low": low, "det_kept_high": high,
                          "final_loss_median": float(np.median(end["energy"])),
-                         "final_abs_W11_median_kept": float(np.median(end["hidden_norm"][kept])) if kept.any() else np.nan,
-                         "final_abs_W11_median_flipped": float(np.median(end["hidden_norm"][~kept])) if (~kept).any() else np.nan,
-                         "final_effective_rank_median_kept": float(np.median(end["effective_rank"][kept])) if kept.any() else np.nan,
+                         "final_abs_W11_median_kept": median(end["hidden_norm"], kept),
+                         "final_abs_W11_median_flipped": median(end["hidden_norm"], ~kept),
+                         "final_effective_rank_median_kept": median(end["effective_rank"], kept),
                          "wall_time": summary["wall_time"]})
     book.table(rows)
     parts = [f"N={r['depth']} {r['dtype']}: det kept its sign in {r['det_kept_positive']}/{r['replicas']}, "
-             f"there |W11| = {r['final_abs_W11_median_kept']:.3g}, effective rank {r['final_effective_rank_median_kept']:.4g} "
+             f"there |W11| = {r['final_abs_W11_median_kept']:.3g}, "
+             f"effective rank {r['final_effective_rank_median_kept']:.4g} "
              f"at loss {r['final_loss_median']:.2g}" for r in rows]
     book.say(f"GD, lr = {lr:g}, {steps} steps (medians over replicas): " + "; ".join(parts) + ".")
     plot(book, curves)
