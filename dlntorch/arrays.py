@@ -44,3 +44,23 @@ def load_completion_file(path: str) -> tuple[Tensor, Tensor, Tensor | None]:
         raise ConfigError(f"task.file={path!r} is not allowed: its mask observes no entry.")
     to64 = lambda a: None if a is None else a.to(torch.float64)  # noqa: E731
     return mask.to(torch.bool), to64(values), to64(truth)
+
+
+def load_sensing_file(path: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`sensors` A_k (K, m, n) and `values` y (K,) (and optionally `truth` (m, n)) from a .npz or
+    .pt file: the measurements y_k = ⟨A_k, W*⟩ (+ noise) of task=sensing."""
+    arrays = load_arrays(path, "task.file")
+    if "sensors" not in arrays or "values" not in arrays:
+        raise ConfigError(f"task.file={path!r} is not allowed: task=sensing needs arrays named 'sensors' (K, m, n) "
+                          f"and 'values' (K,) (found {sorted(arrays)}).")
+    sensors, values, truth = arrays["sensors"], arrays["values"], arrays.get("truth")
+    if sensors.ndim != 3 or sensors.shape[0] < 1 or values.shape != sensors.shape[:1] or \
+            (truth is not None and truth.shape != sensors.shape[1:]):
+        shapes = f"sensors {tuple(sensors.shape)}, values {tuple(values.shape)}" + (
+            "" if truth is None else f", truth {tuple(truth.shape)}")
+        raise ConfigError(f"task.file={path!r} is not allowed: sensors must be (K, m, n) with K ≥ 1, values (K,) "
+                          f"and truth (m, n) ({shapes}).")
+    if not (torch.isfinite(sensors).all() and torch.isfinite(values).all()):
+        raise ConfigError(f"task.file={path!r} is not allowed: its sensors and values must be finite.")
+    to64 = lambda a: None if a is None else a.to(torch.float64)  # noqa: E731
+    return to64(sensors), to64(values), to64(truth)

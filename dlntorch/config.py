@@ -42,8 +42,14 @@ class TaskConfig:
     samples: int = 100                  # regression: number of input samples
     noise: float = 0.0                  # std of additive noise on observed values
     loss: str = "half_sum"              # half_sum: ½Σr², mean: Σr²/M, half_mean: Σr²/(2M)
-    file: Optional[str] = None          # completion from a .npz/.pt with `mask` and `values`
+    file: Optional[str] = None          # completion: .npz/.pt with `mask`, `values`; sensing: `sensors`, `values`
     seed: Optional[int] = None          # data seed; None derives it from the top-level seed
+    # [{at: step, observations: count}, …]: nested observed sets switched at those steps
+    schedule: Optional[list[dict[str, int]]] = None
+    # completion: the observed entries as [[i, j, value], …] (0-based; no ground truth), in place of a draw
+    entries: Optional[list[Any]] = None
+    normalise: str = "spectral"         # a drawn U V^T truth scaled to spectral | frobenius norm `scale`
+    scale: float = 1.0
 
 
 @dataclass
@@ -56,9 +62,10 @@ class ModelConfig:
 class InitConfig:
     name: str = "gaussian"
     scale: float = 1e-2
-    scale_of: str = "layer"             # layer: per-layer std; product: typical product entry
+    scale_of: str = "layer"             # layer: per-layer std; product: typical product entry; fan_in (gaussian)
     imbalance: float = 1.0              # unbalanced: the requested ‖G‖ (total Frobenius norm)
     file: Optional[str] = None          # file: factors or products from a .pt/.npz (see init.from_file)
+    det_sign: str = "any"               # any | positive | negative: det W0's sign (init.with_det_sign)
     seed: Optional[int] = None          # None derives it from the top-level seed
 
 
@@ -227,7 +234,7 @@ def validate(cfg: Any) -> None:
     init = cfg.init
     init_option = kinds["init"][init.name]
     positive_finite("init.scale", init.scale)
-    one_of("init.scale_of", init.scale_of, ("layer", "product"))
+    one_of("init.scale_of", init.scale_of, ("layer", "product", "fan_in"))
     if init_option.check is not None:
         init_option.check(cfg)
 

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from .arrays import load_arrays
-from .errors import ConfigError, fail, resolve_depth
+from .errors import ConfigError, fail, one_of, resolve_depth
 from .geometry import balanced_factors, fibre_move, haar_semi_orthogonal
-from .network import balancedness_of
+from .network import balancedness_of, chain
 from .registry import Registry
 
 Factors = list[Tensor]
@@ -34,11 +34,14 @@ def gaussian(widths: list[int], B: int, scale: float, scale_of: str, gen: torch.
     layer:   σ_p = scale for every layer.
     product: σ_1 = scale^{1/N}, σ_p = scale^{1/N}/√d_{p−1} (p ≥ 2): a product entry sums
              Π_{p<N} d_p terms, so Var W_ij = scale^2 — the product's typical entry is `scale`.
+    fan_in:  σ_p = scale^{1/N}/√d_{p−1} for every p (Arora et al. 2019's convention, their
+             "init" = scale): the product's typical entry is scale/√d_0.
     """
     depth = len(widths) - 1
     factors = []
     for p, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
-        std = scale if scale_of == "layer" else scale ** (1 / depth) / (math.sqrt(d_in) if p > 1 else 1.0)
+        std = scale if scale_of == "layer" else \
+            scale ** (1 / depth) / (math.sqrt(d_in) if p > 1 or scale_of == "fan_in" else 1.0)
         factors.append(std * torch.randn(B, d_out, d_in, generator=gen, dtype=torch.float64))
     return factors
 
@@ -144,6 +147,53 @@ def _replicated(array: Tensor, shape: tuple[int, int], B: int, path: str) -> Ten
     return array
 
 
+# -- conditioning on the sign of det W0 (init.det_sign) --------------------------------------
+
+DET_SIGNS = ("any", "positive", "negative")
+
+
+def with_det_sign(factors: Factors, sign: str) -> Factors:
+    """Condition a square start on the sign of det W0, W0 = W_N ⋯ W_1: in every replica whose
+    det W0 has the wrong sign, reflect the first column of the first factor, W_1 ← W_1 diag(−1, 1, …, 1).
+    Then W0 ← W0 diag(−1, 1, …, 1), so det W0 changes sign exactly (whatever the hidden widths),
+    W_1 W_1^T and so every G_p are unchanged (a balanced start stays balanced), and the law of a
+    start whose law is invariant under that reflection (Gaussian, Haar) becomes the conditional
+    law given the sign. A replica with det W0 = 0 (probability zero) is left as it is."""
+    if sign == "any":
+        return factors
+    m, n = factors[-1].shape[1], factors[0].shape[2]
+    if m != n:      # a task file's shape is known only now
+        fail("init.det_sign", sign, f"a determinant needs a square product, not {m}x{n}; use any")
+    det_sign, _ = torch.linalg.slogdet(chain(factors))      # the sign survives underflow of det
+    wrong = det_sign < 0 if sign == "positive" else det_sign > 0
+    factors[0][wrong, :, 0] *= -1
+    return factors
+
+
+def _check_det_sign(cfg: Any) -> None:
+    """init.det_sign needs a square product of full rank, and a start that is drawn here;
+    (shared by every init's check) scale_of=fan_in is gaussian's only."""
+    if cfg.init.scale_of == "fan_in" and cfg.init.name != "gaussian":
+        fail("init.scale_of", "fan_in", f"only init=gaussian draws per fan-in, not init={cfg.init.name}; "
+             "use layer or product")
+    sign = cfg.init.det_sign
+    one_of("init.det_sign", sign, DET_SIGNS)
+    if sign == "any":
+        return
+    if cfg.init.name == "file":
+        fail("init.det_sign", sign, "init=file gives its factors as they are, so only any is allowed with it")
+    widths = list(cfg.model.widths) if cfg.model.widths is not None else None
+    if cfg.task.file is not None and widths is None:
+        return          # the shape is the file's: checked when the factors are drawn
+    from .tasks import task_shape
+    m, n = (widths[-1], widths[0]) if widths is not None else task_shape(cfg.task)
+    if m != n:
+        fail("init.det_sign", sign, f"a determinant needs a square product, not {m}x{n}; use any")
+    if widths is not None and min(widths) < n:
+        fail("init.det_sign", sign,
+             f"model.widths={widths} has a layer narrower than {n}, so det W0 = 0 always; use any")
+
+
 # -- registered: each adapts cfg.init to its initialiser -----------------------------------
 
 def _scaled(initialiser: Callable[..., Factors]) -> Callable[..., Factors]:
@@ -152,10 +202,11 @@ def _scaled(initialiser: Callable[..., Factors]) -> Callable[..., Factors]:
 
 for _name, _initialiser in (("gaussian", gaussian), ("balanced", balanced), ("orthogonal", orthogonal),
                             ("identity", identity)):
-    INITS.register(_name)(_scaled(_initialiser))
+    INITS.register(_name, check=_check_det_sign)(_scaled(_initialiser))
 
 
 def _check_unbalanced(cfg: Any) -> None:
+    _check_det_sign(cfg)
     imbalance = cfg.init.imbalance
     if not (math.isfinite(imbalance) and imbalance >= 0):
         fail("init.imbalance", imbalance, "it must be a finite number ≥ 0")
@@ -169,6 +220,7 @@ def _unbalanced(cfg: Any, widths: list[int], B: int, gen: torch.Generator) -> Fa
 
 
 def _check_file(cfg: Any) -> None:
+    _check_det_sign(cfg)
     if cfg.init.file is None:
         fail("init.file", None, "init=file needs the path of a .pt or .npz holding the factors or the products")
 
@@ -179,5 +231,7 @@ def _file(cfg: Any, widths: list[int], B: int, gen: torch.Generator) -> Factors:
 
 
 def initial_factors(cfg: Any, widths: list[int], replicas: int, seed: int) -> Factors:
-    """The factors [W_1, …, W_N] of `cfg.init` for all replicas, float64 on the CPU."""
-    return INITS[cfg.name].build(cfg, list(widths), replicas, torch.Generator().manual_seed(seed))
+    """The factors [W_1, …, W_N] of `cfg.init` for all replicas, float64 on the CPU, conditioned
+    on the sign of det W0 as `cfg.det_sign` says (with_det_sign)."""
+    factors = INITS[cfg.name].build(cfg, list(widths), replicas, torch.Generator().manual_seed(seed))
+    return with_det_sign(factors, cfg.get("det_sign", "any"))

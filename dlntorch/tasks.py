@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .arrays import load_completion_file
+from .arrays import load_completion_file, load_sensing_file
 from .errors import at_least, fail
 from .geometry import haar_semi_orthogonal
 from .registry import Registry
@@ -34,9 +34,28 @@ class Task:
     def __init__(self, shape: tuple[int, int], loss: str, residuals: int, truth: Tensor | None):
         self.shape = shape
         self.loss = loss
-        self.residuals = residuals        # M, the number of scalar residuals
-        self.coefficient = LOSS_COEFFICIENTS[loss](residuals)
+        self.count(residuals)
         self.truth = truth                # ground truth W*, (m, n), where one exists
+        self.schedule: Schedule | None = None   # task.schedule: the observed set changes at given steps
+
+    def count(self, residuals: int) -> None:
+        """M, the number of scalar residuals, and the loss coefficient c that depends on it."""
+        self.residuals = residuals
+        self.coefficient = LOSS_COEFFICIENTS[self.loss](residuals)
+
+    # -- a schedule of observed sets (task.schedule) ------------------------------------
+    def follow_schedule(self, step: int) -> bool:
+        """Observe the set the schedule names for `step` (the latest entry with at ≤ step);
+        True when that changed the task. The phase is a function of the step alone, so a
+        resumed run restores it from its step."""
+        if self.schedule is None or self.schedule.count_at(step) == self.residuals:
+            return False
+        self.observe_first(self.schedule.count_at(step))
+        return True
+
+    def observe_first(self, count: int) -> None:
+        """Observe the first `count` units of the task's one random order (nested prefixes)."""
+        raise NotImplementedError(f"task.name={self.name!r} has no schedule of observed sets")
 
     # -- the measurement and its adjoint -------------------------------------------
     def residual(self, W: Tensor) -> Tensor:
@@ -108,9 +127,12 @@ class Task:
     def observables(self, W: Tensor) -> dict[str, Tensor]:
         """Task-specific observables, each (B,)."""
         error = self.test_error(W)
-        return {} if error is None else {"test_error": error}
+        out = {} if error is None else {"test_error": error}
+        if self.schedule is not None:      # the observed set's size, so the switch shows in every record
+            out["observations"] = torch.full(W.shape[:1], float(self.residuals), dtype=W.dtype, device=W.device)
+        return out
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Task":
+    def to(self, device: torch.device, dtype: torch.dtype) -> Task:
         for key, value in vars(self).items():
             if isinstance(value, Tensor):
                 setattr(self, key, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype))
@@ -169,6 +191,22 @@ class Completion(Task):
         self.values = torch.where(mask, values, torch.zeros_like(values))
         self._observed = mask.flatten().nonzero().squeeze(1)   # flat indices of observed entries
 
+    def scheduled(self, schedule: Schedule, order: Tensor, values: Tensor) -> Completion:
+        """Follow `schedule`: its sets are the prefixes of `order` (a permutation of the flat
+        entries), the values of every entry `values` (m, n)."""
+        self.schedule, self._order, self._all_values = schedule, order, values
+        return self
+
+    def observe_first(self, count: int) -> None:
+        # in place: anything holding the mask or the values (a captured CUDA graph) sees the switch
+        mask = torch.zeros(self.shape[0] * self.shape[1], dtype=torch.bool, device=self.mask.device)
+        mask[self._order[:count].to(mask.device)] = True
+        mask = mask.view(self.shape)
+        self.mask.copy_(mask)
+        self.values.copy_(torch.where(mask, self._all_values, torch.zeros_like(self._all_values)))
+        self._observed = mask.flatten().nonzero().squeeze(1)
+        self.count(count)
+
     def residual(self, W: Tensor) -> Tensor:
         return self.mask * (W - self.values)
 
@@ -202,6 +240,8 @@ class Completion(Task):
         out = super().observables(W)
         if self.truth is not None:
             out["relative_error"] = relative_error(W, self.truth)
+        elif bool((self.mask == 0).any()):   # no truth to compare with: how large the unobserved part grew
+            out["hidden_norm"] = ((1 - self.mask) * W).flatten(1).norm(dim=1)
         return out
 
 
@@ -231,9 +271,23 @@ class Sensing(Task):
         super().__init__(tuple(sensors.shape[1:]), loss, sensors.shape[0], truth)
         self.sensors = sensors            # (M, m, n)
         self.measurements = measurements  # (M,)
+        self.active: Tensor | None = None  # scheduled: 1 on the measurements used so far, else 0
+
+    def scheduled(self, schedule: Schedule) -> Sensing:
+        """Follow `schedule`: its sets are the first k of the measurements (drawn i.i.d., so
+        their order is already random)."""
+        self.schedule = schedule
+        self.active = torch.ones_like(self.measurements)
+        self.follow_schedule(0)
+        return self
+
+    def observe_first(self, count: int) -> None:
+        self.active.copy_((torch.arange(self.active.shape[0], device=self.active.device) < count).to(self.active.dtype))
+        self.count(count)
 
     def residual(self, W: Tensor) -> Tensor:
-        return torch.einsum("kij,bij->bk", self.sensors, W) - self.measurements
+        r = torch.einsum("kij,bij->bk", self.sensors, W) - self.measurements
+        return r if self.active is None else self.active * r
 
     def adjoint(self, r: Tensor) -> Tensor:
         return torch.einsum("bk,kij->bij", r, self.sensors)
@@ -247,7 +301,9 @@ class Sensing(Task):
         return self.residuals
 
     def _unit_weights(self, chosen: Tensor) -> Tensor:
-        return chosen
+        # scheduled: the units are the first `residuals` measurements, the rest weigh 0
+        return chosen if chosen.shape[1] == self.sensors.shape[0] else \
+            torch.nn.functional.pad(chosen, (0, self.sensors.shape[0] - chosen.shape[1]))
 
 
 class Regression(Task):
@@ -279,14 +335,16 @@ class Regression(Task):
 
 # ------------------------------------------------------------------------------ builders
 
-def low_rank_truth(m: int, n: int, rank: int, generator: torch.Generator) -> Tensor:
-    """U V^T with Gaussian factors, scaled to spectral norm 1: the seed problem's scale (its
-    target I has s = 1), so one learning rate suits every size (a truth with entries of unit
-    size would have σ_1 ~ √(mn) and make GD unstable at the default lr for large matrices)."""
+def low_rank_truth(m: int, n: int, rank: int, generator: torch.Generator, normalise: str = "spectral",
+                   scale: float = 1.0) -> Tensor:
+    """U V^T with Gaussian factors, scaled to spectral norm `scale` (default 1: the seed problem's
+    scale, its target I has s = 1, so one learning rate suits every size; a truth with entries of
+    unit size would have σ_1 ~ √(mn) and make GD unstable at the default lr for large matrices),
+    or to Frobenius norm `scale` (normalise="frobenius": Arora et al. 2019's convention, scale 100)."""
     U = torch.randn(m, rank, generator=generator, dtype=torch.float64)
     V = torch.randn(n, rank, generator=generator, dtype=torch.float64)
     truth = U @ V.T
-    return truth / torch.linalg.matrix_norm(truth, ord=2)
+    return scale * truth / torch.linalg.matrix_norm(truth, ord=2 if normalise == "spectral" else "fro")
 
 
 def truth_with_spectrum(m: int, n: int, spectrum: list[float], generator: torch.Generator) -> Tensor:
@@ -299,10 +357,80 @@ def truth_with_spectrum(m: int, n: int, spectrum: list[float], generator: torch.
 
 
 def uniform_mask(m: int, n: int, count: int, generator: torch.Generator) -> Tensor:
-    """`count` entries drawn uniformly without replacement."""
+    """`count` entries drawn uniformly without replacement (the first `count` of `entry_order`)."""
     mask = torch.zeros(m * n, dtype=torch.bool)
-    mask[torch.randperm(m * n, generator=generator)[:count]] = True
+    mask[entry_order(m, n, generator)[:count]] = True
     return mask.view(m, n)
+
+
+def entry_order(m: int, n: int, generator: torch.Generator) -> Tensor:
+    """One uniformly random order of the m·n flat entries: its prefixes are nested observed sets."""
+    return torch.randperm(m * n, generator=generator)
+
+
+# ------------------------------------------------------------------------------ schedules
+
+class Schedule:
+    """task.schedule = [{at: 0, observations: k_0}, {at: s_1, observations: k_1}, …]: from step
+    s_i on the task observes k_i units (entries, measurements), the first k_i of one random order,
+    so each set contains the ones before it. The switch at s_i happens once the step count reaches
+    s_i, before the stop test and the logged row of that step: the energy logged at s_i is already
+    the larger set's."""
+
+    def __init__(self, steps: list[int], counts: list[int]):
+        self.steps, self.counts = steps, counts
+
+    @classmethod
+    def of(cls, entries: Any) -> Schedule | None:
+        if entries is None:
+            return None
+        return cls([int(e["at"]) for e in entries], [int(e["observations"]) for e in entries])
+
+    @property
+    def switches(self) -> list[int]:
+        """The steps at which the observed set changes (the first entry's at = 0 is the start)."""
+        return self.steps[1:]
+
+    @property
+    def largest(self) -> int:
+        return self.counts[-1]
+
+    def count_at(self, step: int) -> int:
+        return self.counts[max(i for i, at in enumerate(self.steps) if at <= step)]
+
+    def record(self, time) -> list[dict[str, Any]]:
+        """The switches as summary.json records them: step, t = time(step) and the count."""
+        return [{"at": at, "t": time(at), "observations": k} for at, k in zip(self.steps, self.counts)]
+
+
+def _check_schedule(cfg: Any, units: int | None, unit: str) -> None:
+    """task.schedule: entries {at, observations}, at starting at 0 and increasing, the counts
+    nested (non-decreasing) and at most `units` (None: no bound)."""
+    schedule, key = cfg.task.schedule, "task.schedule"
+    if schedule is None:
+        return
+    if cfg.task.file is not None:
+        fail(key, schedule, "a schedule draws its nested sets from generated data, not from task.file")
+    entries = list(schedule)
+    if not entries or any(not hasattr(e, "keys") or set(e.keys()) != {"at", "observations"} for e in entries):
+        fail(key, schedule, "it must be a non-empty list of {at: step, observations: count} entries")
+    steps, counts = [e["at"] for e in entries], [e["observations"] for e in entries]
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in steps + counts):
+        fail(key, schedule, "every at and observations must be an integer")
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        fail(key, schedule, f"its times at={steps} must start at 0 and increase strictly")
+    if counts[0] < 1 or any(b < a for a, b in zip(counts, counts[1:])):
+        fail(key, schedule, f"its sets must be nested, each containing the one before, so the counts "
+             f"observations={counts} must be ≥ 1 and never decrease")
+    if units is not None and counts[-1] > units:
+        fail(key, schedule, f"its largest set ({counts[-1]} {unit}) exceeds the {units} {unit} of the matrix")
+
+
+def _no_schedule(cfg: Any) -> None:
+    if cfg.task.schedule is not None:
+        scheduled = [name for name, option in TASKS.options.items() if option.extra.get("schedules")]
+        fail("task.schedule", cfg.task.schedule, f"task={cfg.task.name} has no schedule of observed sets; "
+             "only " + " and ".join(f"task={name}" for name in scheduled) + " have")
 
 
 def task_shape(task: Any) -> tuple[int, int]:
@@ -320,7 +448,7 @@ def task_shape(task: Any) -> tuple[int, int]:
 def _truth(cfg: Any, generator: torch.Generator) -> Tensor:
     """The ground truth W*: rank cfg.rank (low_rank_truth) or singular values cfg.spectrum."""
     m, n = task_shape(cfg)
-    return low_rank_truth(m, n, cfg.rank, generator) if cfg.spectrum is None else \
+    return low_rank_truth(m, n, cfg.rank, generator, cfg.normalise, cfg.scale) if cfg.spectrum is None else \
         truth_with_spectrum(m, n, cfg.spectrum, generator)
 
 
@@ -329,9 +457,13 @@ def _noise(cfg: Any, generator: torch.Generator, *shape: int) -> Tensor:
 
 
 def _check_truth(cfg: Any) -> None:
-    """rank or spectrum of a drawn ground truth fits its m×n matrix."""
+    """rank or spectrum of a drawn ground truth fits its m×n matrix; its normalisation."""
     task = cfg.task
     m, n = task_shape(task)
+    if task.normalise not in ("spectral", "frobenius"):
+        fail("task.normalise", task.normalise, "choose one of spectral, frobenius")
+    if not (math.isfinite(task.scale) and task.scale > 0):
+        fail("task.scale", task.scale, "it must be a finite number > 0")
     if task.spectrum is not None:
         spectrum = list(task.spectrum)
         if not spectrum or len(spectrum) > min(m, n) or any(not (math.isfinite(x) and x > 0) for x in spectrum):
@@ -343,23 +475,51 @@ def _check_truth(cfg: Any) -> None:
             fail("task.rank", task.rank, f"it must be at most min(m, n) = {min(m, n)} for a {m}x{n} matrix")
 
 
+def listed_entries(task: Any) -> tuple[Tensor, Tensor]:
+    """task.entries [[i, j, value], …] → (flat indices in the listed order, values)."""
+    m, n = task_shape(task)
+    rows = [list(e) for e in task.entries]
+    bad = [e for e in rows if len(e) != 3 or not all(float(x).is_integer() for x in e[:2])
+           or not (0 <= e[0] < m and 0 <= e[1] < n) or not math.isfinite(e[2])]
+    if not rows or bad:
+        fail("task.entries", task.entries, f"it must list [i, j, value] with 0 ≤ i < {m}, 0 ≤ j < {n} and a "
+             f"finite value (the first bad one: {bad[0] if bad else None})")
+    flat = torch.tensor([int(i) * n + int(j) for i, j, _ in rows])
+    if flat.unique().numel() != flat.numel():
+        fail("task.entries", task.entries, "it must list every entry at most once")
+    return flat, torch.tensor([float(v) for _, _, v in rows], dtype=torch.float64)
+
+
 def _check_completion(cfg: Any) -> None:
     task = cfg.task
+    if task.entries is not None:
+        if task.file is not None:
+            fail("task.entries", task.entries, "give the observed entries either here or in task.file, not both")
+        _check_schedule(cfg, len(listed_entries(task)[0]), "listed entries")
+        return
+    _check_schedule(cfg, None if task.file is not None else math.prod(task_shape(task)), "entries")
     if task.file is not None:
         return
     _check_truth(cfg)
     m, n = task_shape(task)
+    if task.schedule is not None:
+        return          # the schedule's counts replace task.observations
     at_least("task.observations", task.observations, 1)
     if task.observations > m * n:
         fail("task.observations", task.observations, f"it must be between 1 and the {m * n} entries of a {m}x{n} matrix")
 
 
 def _check_sensing(cfg: Any) -> None:
+    _check_schedule(cfg, None, "measurements")
+    if cfg.task.file is not None:
+        return          # its shapes are checked when it is read (arrays.load_sensing_file)
     _check_truth(cfg)
-    at_least("task.observations", cfg.task.observations, 1)
+    if cfg.task.schedule is None:
+        at_least("task.observations", cfg.task.observations, 1)
 
 
 def _check_regression(cfg: Any) -> None:
+    _no_schedule(cfg)
     _check_truth(cfg)
     at_least("task.samples", cfg.task.samples, 1)
 
@@ -371,30 +531,51 @@ def minibatch_units(task: Any) -> int | None:
     return None if units is None else units(task)
 
 
-@TASKS.register("seed2x2", units=lambda task: 2)
+@TASKS.register("seed2x2", check=_no_schedule, units=lambda task: 2)
 def _seed2x2(cfg: Any, generator: torch.Generator) -> Task:
     return Seed2x2(cfg.loss)
 
 
-@TASKS.register("completion", check=_check_completion, reads_files=True,
+@TASKS.register("completion", check=_check_completion, reads_files=True, schedules=True,
                 units=lambda task: None if task.file is not None else task.observations)
 def _completion(cfg: Any, generator: torch.Generator) -> Task:
     if cfg.file is not None:
         mask, values, truth = load_completion_file(cfg.file)
         return Completion(mask, values, cfg.loss, truth)
     m, n = task_shape(cfg)
+    schedule = Schedule.of(cfg.schedule)
+    if cfg.entries is not None:      # listed: a schedule's sets are prefixes of the list
+        order, listed = listed_entries(cfg)
+        values = torch.zeros(m * n, dtype=torch.float64)
+        values[order] = listed
+        mask = torch.zeros(m * n, dtype=torch.bool)
+        mask[order[:len(order) if schedule is None else schedule.counts[0]]] = True
+        task = Completion(mask.view(m, n), values.view(m, n), cfg.loss)
+        return task if schedule is None else task.scheduled(schedule, order, values.view(m, n))
     truth = _truth(cfg, generator)
-    mask = uniform_mask(m, n, cfg.observations, generator)
-    return Completion(mask, truth + _noise(cfg, generator, m, n), cfg.loss, truth)
+    # the same draws as without a schedule: its first set is the mask of observations = k_0
+    order = entry_order(m, n, generator)
+    mask = torch.zeros(m * n, dtype=torch.bool)
+    mask[order[:cfg.observations if schedule is None else schedule.counts[0]]] = True
+    values = truth + _noise(cfg, generator, m, n)
+    task = Completion(mask.view(m, n), values, cfg.loss, truth)
+    return task if schedule is None else task.scheduled(schedule, order, values)
 
 
-@TASKS.register("sensing", check=_check_sensing, units=lambda task: task.observations)
+@TASKS.register("sensing", check=_check_sensing, reads_files=True, schedules=True,
+                units=lambda task: None if task.file is not None else task.observations)
 def _sensing(cfg: Any, generator: torch.Generator) -> Task:
+    schedule = Schedule.of(cfg.schedule)
+    if cfg.file is not None:
+        sensors, measurements, truth = load_sensing_file(cfg.file)
+        return Sensing(sensors, measurements, cfg.loss, truth)
     m, n = task_shape(cfg)
     truth = _truth(cfg, generator)
-    sensors = torch.randn(cfg.observations, m, n, generator=generator, dtype=torch.float64)
-    measurements = torch.einsum("kij,ij->k", sensors, truth) + _noise(cfg, generator, cfg.observations)
-    return Sensing(sensors, measurements, cfg.loss, truth)
+    K = cfg.observations if schedule is None else schedule.largest
+    sensors = torch.randn(K, m, n, generator=generator, dtype=torch.float64)
+    measurements = torch.einsum("kij,ij->k", sensors, truth) + _noise(cfg, generator, K)
+    task = Sensing(sensors, measurements, cfg.loss, truth)
+    return task if schedule is None else task.scheduled(schedule)
 
 
 @TASKS.register("regression", check=_check_regression, units=lambda task: task.samples)

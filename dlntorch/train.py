@@ -107,7 +107,33 @@ class Lab:
             raise DivergenceError(f"{int(newly.sum())} replica(s) diverged at step {s.step} (t = {s.t:g}) "
                                   "and run.on_divergence=error")
         live = energy[~s.diverged]
+        if self.pending_switches():
+            return False      # a scheduled switch is still to come: fitting the smaller set is not the end
         return live.numel() == 0 or bool((live < self.cfg.run.stop_energy).all())
+
+    # -- task.schedule: the observed set switches at given steps --------------------------
+    def pending_switches(self) -> list[int]:
+        schedule = self.task.schedule
+        return [] if schedule is None else [at for at in schedule.switches if self.state.step < at < self.total_steps]
+
+    def segment(self, ends: np.ndarray) -> np.ndarray:
+        """The pauses up to the next switch: a flow integrates ahead through the pauses it is
+        planned, so it is planned one segment at a time and never integrates across a switch."""
+        upcoming = self.pending_switches()
+        return ends if not upcoming else ends[ends <= upcoming[0]]
+
+    def follow_schedule(self, mark: bool = True) -> None:
+        """At a switch step (or on resuming past one): observe the scheduled set. The pending
+        rows are observed first, with the set they were logged under; a TensorBoard marker
+        `task/observations` records the start and each switch (`mark`; a resumed run has it)."""
+        s = self.state
+        if self.task.schedule is None:
+            return
+        self.recorder.flush()
+        if self.task.follow_schedule(s.step):
+            self.dynamics.task_changed()
+        if mark and s.step in self.task.schedule.steps:
+            self.recorder.tb.writer.add_scalar("task/observations", self.task.schedule.count_at(s.step), s.step)
 
     def train(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.state
@@ -122,7 +148,11 @@ class Lab:
         self.last_checkpoint = (s.step, time.monotonic())
         ends = chunk_ends(self.grid, cfg.run.stop_check_every if self.dynamics.step_based else None,
                           self.total_steps)
-        self.dynamics.plan(ends)
+        if self.task.schedule is not None:     # the loop pauses, and logs, at every switch
+            switches = np.asarray([a for a in self.task.schedule.switches if a < self.total_steps], dtype=np.int64)
+            self.grid, ends = np.union1d(self.grid, switches), np.union1d(ends, switches)
+            self.follow_schedule(mark=not resumed)
+        self.dynamics.plan(self.segment(ends))
         if s.finished:        # killed after its final checkpoint: only the reports are left
             return self.finish()
         bar = progress_bar(cfg, self.total_steps, s.step)
@@ -134,6 +164,9 @@ class Lab:
                 self.dynamics.advance(int(end) - s.step)
                 s.gradient_evaluations = self.dynamics.gradient_evaluations
                 s.step, s.t = int(end), self.dynamics.time(int(end))
+                if self.task.schedule is not None and s.step in self.task.schedule.switches:
+                    self.follow_schedule()
+                    self.dynamics.plan(self.segment(ends))
                 s.stopped = self.check()
             if end in self.grid or s.stopped or end == self.total_steps:
                 self.recorder.log()
@@ -164,6 +197,8 @@ class Lab:
             summary = summarise(self.cfg, s, final, out=self.rundir.path, seeds=self.seeds,
                                 device=self.device, widths=self.widths, total_steps=self.total_steps,
                                 counters=self.dynamics.counters(), wall_time=s.elapsed + self.wall())
+            if self.task.schedule is not None:
+                summary["schedule"] = self.task.schedule.record(self.dynamics.time)
             self.recorder.close(s.step, hparams(summary["config"], hydra_overrides(), sweep_of_this_job()),
                                 headline(summary))
             self.rundir.write_summary(summary)

@@ -106,3 +106,44 @@ def test_initial_conditions_from_a_file_of_products_and_of_factors(make_cfg, tmp
     np.savez(tmp_path / "factors.npz", **np_factors)
     again = Lab(make_cfg("init=file", f"init.file={tmp_path / 'factors.npz'}", "replicas=9", out="b"))
     assert all(torch.equal(x.detach(), y) for x, y in zip(again.net.factors, factors))
+
+
+# ------------------------------------------------------------------ init.det_sign
+
+@pytest.mark.parametrize("name", ["gaussian", "balanced", "orthogonal", "unbalanced"])
+@pytest.mark.parametrize("widths", [[3, 3, 3], [3, 5, 4, 3], [2, 2, 2, 2, 2]])
+@pytest.mark.parametrize("sign", ["positive", "negative"])
+def test_det_sign_conditions_every_replica_by_reflecting_the_first_column_of_W1(name, widths, sign):
+    """Every replica gets the requested sign of det W0; a reflected replica differs from the
+    unconditioned draw only by the sign of W_1's first column, so W0 and the G_p are otherwise the
+    draw's (a balanced start stays balanced, bit for bit)."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create({"name": name, "scale": 0.7, "scale_of": "layer", "imbalance": 0.5, "det_sign": "any"})
+    B = 64
+    drawn = init.initial_factors(cfg, widths, B, seed=4)
+    cfg.det_sign = sign
+    conditioned = init.initial_factors(cfg, widths, B, seed=4)
+    det = torch.linalg.det(chain(conditioned))
+    assert bool((det > 0).all()) if sign == "positive" else bool((det < 0).all())
+    flipped = torch.linalg.det(chain(drawn)).sign() != det.sign()
+    assert 0 < int(flipped.sum()) < B              # 64 draws: both signs occur (else the test is void)
+    reflect = torch.ones(B, 1, widths[0], dtype=torch.float64)
+    reflect[flipped, :, 0] = -1
+    assert torch.equal(conditioned[0], drawn[0] * reflect)
+    for a, b in zip(conditioned[1:], drawn[1:]):
+        assert torch.equal(a, b)
+    for g, g0 in zip(balancedness_of(conditioned), balancedness_of(drawn)):
+        torch.testing.assert_close(g, g0, rtol=0, atol=1e-15)   # W_1 W_1^T: the same products up to rounding
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task=completion", "task.shape=[3,4]", "task.observations=5"],
+     r"init\.det_sign='positive' is not allowed: a determinant needs a square product, not 3x4"),
+    (["model.widths=[2,1,2]"], r"has a layer narrower than 2, so det W0 = 0 always"),
+    (["init=file", "init.file=x.pt"], r"init=file gives its factors as they are"),
+    (["init.det_sign=sometimes"], r"init\.det_sign='sometimes' is not allowed: choose one of any, positive, negative"),
+])
+def test_det_sign_is_refused_in_one_sentence(make_cfg, overrides, message):
+    from dlntorch.config import ConfigError, validate
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg("init.det_sign=positive", *overrides))

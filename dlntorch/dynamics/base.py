@@ -53,6 +53,10 @@ class Dynamics:
     def plan(self, pauses) -> None:
         """The steps at which the loop will pause (a flow integrates ahead through them)."""
 
+    def task_changed(self) -> None:
+        """The task's data changed in place (a task.schedule switch): drop whatever was built
+        from the old data. The loop plans no pause past a switch, so flows hold nothing ahead."""
+
     def freeze(self, diverged: Tensor) -> None:
         """Stop moving the replicas flagged in `diverged` (B,)."""
 

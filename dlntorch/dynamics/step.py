@@ -145,6 +145,10 @@ class StepDynamics(Dynamics):
     def factors(self) -> list[Tensor]:
         return [p.detach() for p in self.params]
 
+    def task_changed(self) -> None:
+        # a captured CUDA graph holds the task's loss coefficient as a constant: capture anew
+        self._graph = None
+
     @property
     def beta(self) -> float | None:
         return self.optimizer.param_groups[0].get("beta")
