@@ -23,13 +23,12 @@ def planned_jobs(sweep_dir: Path) -> int | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     try:
         saved = OmegaConf.load(sweep_dir / "multirun.yaml")
-        overrides = list(saved.hydra.overrides.task)
         params = OmegaConf.select(saved, "hydra.sweeper.params", default=None) or {}
-        overrides += [f"{key}={value}" for key, value in params.items()]
+        # the sweeper's params first: the command line's value of a key replaces them
+        overrides = [f"{key}={value}" for key, value in params.items()] + list(saved.hydra.overrides.task)
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # noqa: BLE001 — a count to show, never a reason to fail the sweep
         return None
-    # the command line's value of a key replaces hydra.sweeper.params' (as the sweeper does)
     by_key = {override.key_or_group: override for override in parsed}
     return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
                      for o in by_key.values())
@@ -65,4 +64,5 @@ class SweepProgress(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = config.hydra.sweep.dir
-        log.info(f"sweep done: {sweep}\nthe table: python -m dlntorch.collect {sweep}")
+        # printed: Hydra's own log format (time, [HYDRA]) would bury the command to copy
+        print(f"sweep done: {sweep}\nthe table: python -m dlntorch.collect {sweep}", flush=True)

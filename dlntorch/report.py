@@ -116,7 +116,7 @@ def headline(summary: dict[str, Any]) -> dict[str, float]:
 
 def depth_text(depth: Any) -> Any:
     """N as JSON and people write it: an integer, or "inf"."""
-    return "inf" if isinstance(depth, float) and math.isinf(depth) else int(depth)
+    return "inf" if str(depth) == "inf" or (isinstance(depth, float) and math.isinf(depth)) else int(depth)
 
 
 def header(config: Mapping[str, Any], widths: list[int], depth: Any, device: Any) -> str:

@@ -176,13 +176,14 @@ class Lab:
         self.checkpoint()
         self.recorder.tb.close()
         s, out = self.state, self.rundir.path
-        overrides = [o for o in (hydra_overrides() or []) if o.split("=", 1)[0].lstrip("+~")
-                     not in ("hydra.run.dir", "resume", "run.out_dir")]
-        where = [f"hydra.run.dir={out}"] if hydra_overrides() is not None else [f"run.out_dir={out}"]
-        command = shlex.join(["python", "-m", "dlntorch", *overrides, *where, "resume=true"])
+        given = hydra_overrides()
+        if given is None:       # called from Python: the same config again
+            how = f"the same config with resume=true and run.out_dir={out}"
+        else:                   # the command line again, into this run dir
+            kept = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in ("hydra.run.dir", "resume")]
+            how = shlex.join(["python", "-m", "dlntorch", *kept, f"hydra.run.dir={out}", "resume=true"])
         return Interrupted(f"dlntorch: interrupted by {signal.Signals(signum).name} at step {s.step} "
-                           f"(t = {s.t:.4g}); checkpoint and trajectory in {out}; resume with: {command}",
-                           signum)
+                           f"(t = {s.t:.4g}); checkpoint and trajectory in {out}; resume with: {how}", signum)
 
     def diverged_line(self) -> str | None:
         """Any divergence: the count, and 2/λ_max at t = 0 (the sharpest replica's), the largest

@@ -170,7 +170,8 @@ def test_a_fresh_run_into_a_used_run_dir_sets_the_old_events_aside(tmp_path, mak
     run(make_cfg(*args))
     run(make_cfg(*args))                # resume=false: starts again from step 0
     tb = tmp_path / "run" / "tb"
-    assert len(list(tb.glob("superseded-*/events.out.tfevents.*"))) == 2
+    # moved beside tb/ and renamed: TensorBoard reads only files named *tfevents*
+    assert len(list((tmp_path / "run" / "superseded").glob("*/events.out.superseded.*"))) == 2
     for tag, points in scalars(tb).items():
         steps = [step for step, _ in points]
         assert len(steps) == len(set(steps)), tag
