@@ -195,7 +195,8 @@ class Lab:
         start = initial_factors(self.cfg.init, self.widths, self.cfg.replicas, self.seeds["init"])
         bound = largest_stable_lr([f.to(self.device, self.dtype) for f in start], self.task)
         return (f"dlntorch: {count} of {self.cfg.replicas} replicas diverged at optim.lr={self.cfg.optim.lr:g}; "
-                f"lr ≲ 2/λ_max = {bound:.3g} at t = 0 (λ_max: the Hessian's top eigenvalue, sharpest replica)")
+                f"lr ≲ 2/λ_max = {bound:.3g} at t = 0 (λ_max: the Hessian's top eigenvalue at the start, "
+                f"sharpest replica; it grows as W does, so the stable lr may be lower)")
 
     def train(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.state
