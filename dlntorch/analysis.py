@@ -225,7 +225,8 @@ def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Pat
         ax.set_visible(False)
     dead = int((~run.live).sum())
     if run.summary.get("status") == "unfinished":
-        title = f"{run.path.name}: unfinished, up to its last checkpoint (step {int(run.step[-1])}, t = {run.t[-1]:.4g})"
+        title = (f"{run.path.name}: unfinished, up to its last checkpoint "
+                 f"(step {int(run.step[-1])}, t = {run.t[-1]:.4g})")
     else:
         title = table(run.summary).splitlines()[0].removeprefix("dlntorch: ")   # the run's own report header
     fig.suptitle(title + (f"\n{dead} of {run.replicas} replicas diverged (left out of the bands)" if dead else ""),

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .config import as_config, derive_seeds, resolve_depth, total_steps, validate
@@ -162,13 +162,12 @@ class Lab:
         """The header, where the outputs go and how to watch them, before the first step; with
         resume=true, whether the run continues from a checkpoint or starts fresh."""
         cfg, s = self.cfg, self.state
-        from omegaconf import OmegaConf
         log.info(header(OmegaConf.to_container(cfg, resolve=True), self.widths,
                         self.dynamics.depth, self.device))
         log.info("outputs: %s (watch: tensorboard --logdir %s)", self.rundir.path, self.rundir.path)
         if cfg.resume:
-            log.info("resume=true: continuing from the checkpoint in %s at step %d (t = %.4g)"
-                     % (self.rundir.path, s.step, s.t) if resumed else
+            log.info(f"resume=true: continuing from the checkpoint in {self.rundir.path} at step {s.step} "
+                     f"(t = {s.t:.4g})" if resumed else
                      f"resume=true: no checkpoint in {self.rundir.path}: starting fresh")
 
     def interrupt(self, signum: int) -> Interrupted:

@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from dlntorch.analysis import load_run, main as analysis_main
+from dlntorch.analysis import load_run
+from dlntorch.analysis import main as analysis_main
 from dlntorch.callbacks import planned_jobs
 from dlntorch.config import ConfigError, as_config, budget
 from dlntorch.hooks import Hooks
@@ -166,7 +167,8 @@ def test_a_signal_checkpoints_and_resume_continues_to_the_uninterrupted_result(m
     assert "\n" not in message
     step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     assert 0 < step < 3000
-    assert message == (f"dlntorch: interrupted by {signal.Signals(signum).name} at step {step} (t = {0.05 * step:.4g}); "
+    name = signal.Signals(signum).name
+    assert message == (f"dlntorch: interrupted by {name} at step {step} (t = {0.05 * step:.4g}); "
                        f"checkpoint and trajectory in {out}; resume with: the same config with resume=true "
                        f"and run.out_dir={out}")
     assert (out / "checkpoint.pt").is_file() and not (out / "summary.json").exists()
