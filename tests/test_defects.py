@@ -20,7 +20,7 @@ from dlntorch.callbacks import planned_jobs
 from dlntorch.config import ConfigError, as_config, budget
 from dlntorch.hooks import Hooks
 from dlntorch.network import chain
-from dlntorch.report import table
+from dlntorch.report import headline, table
 from dlntorch.sharpness import sharpness
 from dlntorch.tasks import Seed2x2, build_task
 from dlntorch.train import Interrupted, run
@@ -58,6 +58,13 @@ def test_run_time_alone_sets_the_step_budget_and_both_stop_at_the_first():
     assert budget(cfg("optim.lr=1e-3", "run.time=5", "run.steps=50000")) == (5000, "time")
 
 
+def test_run_time_past_the_old_default_step_budget_runs_to_that_time(make_cfg):
+    # t = 25 at lr = 1e-3 takes 25000 steps: the old default run.steps=20000 stopped it at t = 20
+    summary = run(make_cfg("replicas=1", "optim.lr=1e-3", "run.time=25", "run.stop_energy=0", "run.log_points=10"))
+    assert (summary["steps"], summary["stopped_by"]) == (25000, "time")
+    assert summary["t"] == pytest.approx(25, rel=1e-12)
+
+
 @pytest.mark.parametrize("extra, steps, stopped_by", [([], 400, "time"), (["run.steps=150"], 150, "steps"),
                                                       (["run.steps=1000"], 400, "time")])
 def test_stopped_by_names_what_stopped_the_run(make_cfg, extra, steps, stopped_by):
@@ -76,6 +83,7 @@ def test_replicas_still_at_the_origin_are_neither_converged_nor_near_rank_one(ma
     assert summary["aggregates"]["energy"]["median"] == pytest.approx(1.0, abs=1e-3)
     assert summary["converged"] == 0 and summary["converged_fraction"] == 0.0
     assert summary["near_rank_one"] == 0
+    assert headline(summary)["converged_fraction"] == 0.0 and headline(summary)["near_rank_one_fraction"] == 0.0
     printed = table(summary)
     assert "converged (E < 1e-06): 0 / 16 (0 %)" in printed
     assert printed.splitlines()[-1] == ("warning: 16 of 16 replicas did not converge (E ≥ 1e-06 at t = 100): "
