@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from .collect import collect, is_run_dir, run_status
-from .config import TRAJECTORY
-from .logger import aggregate_rows
+from .config import CHECKPOINT, FINISHED, TRAJECTORY
+from .logger import Trajectory, aggregate_rows
 
 PANELS = ("energy", "effective_rank", "balancedness", "singular_values")
 # quantities that decay towards 0 over decades (and the staircase of rank jumps): log y when they span one
@@ -36,10 +36,12 @@ FACTOR = re.compile(r"factor_\d+")     # factor_norm_p is an observable, factor_
 
 @dataclass
 class Run:
-    """A completed run: its summary.json, its config and trajectory.npz as arrays — `t`, `step`
-    (T,), each observable (T, B), `singular_values` (T, B, k) and `diverged` (T, B); and the
-    state when the run kept it: `product` W (T, B, m, n) (run.save_product, by default when
-    m·n ≤ 64) and `factors` [W_1, …, W_N], each (T, B, d_p, d_{p-1}) (run.save_factors=true)."""
+    """A run that ended (completed or diverged), or an unfinished one as far as its last checkpoint
+    (`summary` then is {"status": "unfinished", "why": …}): its summary.json, its config and
+    trajectory.npz as arrays — `t`, `step` (T,), each observable (T, B), `singular_values`
+    (T, B, k) and `diverged` (T, B); and the state when the run kept it: `product` W (T, B, m, n)
+    (run.save_product, by default when m·n ≤ 64) and `factors` [W_1, …, W_N], each
+    (T, B, d_p, d_{p-1}) (run.save_factors=true)."""
     path: Path
     summary: dict[str, Any]
     config: dict[str, Any]
@@ -106,7 +108,8 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """The completed run in `run_dir`; FileNotFoundError or ValueError, one sentence, otherwise."""
+    """The run in `run_dir` (an unfinished one up to its last checkpoint); FileNotFoundError or
+    ValueError, one sentence, when there is nothing to load."""
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a folder, so there is no run to load")
@@ -115,13 +118,25 @@ def load_run(run_dir: str | Path) -> Run:
     status, why, summary, config = run_status(path)   # collect's verdict, so both say the same
     if status == "failed":
         raise ValueError(f"{path} is a failed run with no trajectory to load ({why})")
-    if status != "completed":
+    if status == "unfinished" and (path / CHECKPOINT).is_file() and (path / TRAJECTORY).is_file():
+        return _unfinished_run(path, why)
+    if status not in FINISHED:
         raise FileNotFoundError(f"{path} is not a completed run ({status}: {why})")
     if not (path / TRAJECTORY).is_file():
         raise FileNotFoundError(f"{path / TRAJECTORY} is missing although summary.json says the run completed")
     with np.load(path / TRAJECTORY) as data:
         trajectory = {name: data[name] for name in data.files}
     return Run(path, summary, config or {}, trajectory)
+
+
+def _unfinished_run(path: Path, why: str) -> Run:
+    """A run without summary.json, as far as its last checkpoint: the rows that checkpoint counts
+    as its own (trajectory.npz may hold more, written just before a checkpoint that never came);
+    `summary` holds only status "unfinished" and why."""
+    import torch
+    payload = torch.load(path / CHECKPOINT, map_location="cpu", weights_only=False)
+    rows = Trajectory.load(path / TRAJECTORY, payload["trajectory_rows"])
+    return Run(path, {"status": "unfinished", "why": why}, payload.get("config") or {}, rows.arrays())
 
 
 def _names(run: Run, observables: str | Iterable[str] | None) -> list[str]:
@@ -234,7 +249,11 @@ def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Pat
     for ax in axes[len(names):]:
         ax.set_visible(False)
     dead = int((~run.live).sum())
-    title = table(run.summary).splitlines()[0].removeprefix("dlntorch: ")   # the run's own report header
+    if run.summary.get("status") == "unfinished":
+        title = (f"{run.path.name}: unfinished, up to its last checkpoint "
+                 f"(step {int(run.step[-1])}, t = {run.t[-1]:.4g})")
+    else:
+        title = table(run.summary).splitlines()[0].removeprefix("dlntorch: ")   # the run's own report header
     fig.suptitle(title + (f"\n{dead} of {run.replicas} replicas diverged (left out of the bands)" if dead else ""),
                  fontsize=10)
     if path is not None:
@@ -255,7 +274,8 @@ def _label_short_log_axis(ax) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlntorch.analysis",
-                                     description="Plot a completed run's observables against t.")
+                                     description="Plot a run's observables against t (an unfinished run: "
+                                                 "up to its last checkpoint).")
     parser.add_argument("run_dir", help="a run dir (with summary.json and trajectory.npz)")
     parser.add_argument("--out", help="where to write the figure (default: <run_dir>/figure.png)")
     parser.add_argument("--observables", nargs="+", metavar="NAME",
@@ -263,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run = load_run(args.run_dir)
+        if run.summary.get("status") == "unfinished":
+            print(f"dlntorch.analysis: {run.path} is unfinished ({run.summary['why']}); plotting its "
+                  f"last checkpoint's {len(run.t)} logged rows", file=sys.stderr)
         out = Path(args.out) if args.out else run.path / "figure.png"
         plot_run(run, args.observables, path=out)
     except (FileNotFoundError, ValueError, KeyError) as error:

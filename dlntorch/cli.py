@@ -73,14 +73,23 @@ def _one_line(error: BaseException) -> str:
     return text if isinstance(error, ConfigError) else f"{type(error).__name__}: {text}"
 
 
+# exit codes: 1 an error, 2 bad input (ConfigError), 3 every replica diverged, 128 + the signal
+# (130 SIGINT, 143 SIGTERM) a run interrupted after its checkpoint
+EXIT_DIVERGED = 3
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from .train import run
+    from .train import Interrupted, run
 
     if cfg.threads is None:
         cfg.threads = launcher_threads()
     try:
         summary = run(cfg)
+    except Interrupted as stop:
+        # checkpointed: one line (where, which step, how to resume), no traceback, no failure record
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
     except Exception as error:
         where = record_failure(cfg, error)
         if _multirun():
@@ -93,5 +102,7 @@ def main(cfg: DictConfig) -> float:
         detail = f" (traceback in {where})" if where and not isinstance(error, ConfigError) else ""
         print(f"dlntorch: error: {_one_line(error)}{detail}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
-    print(table(summary))
+    log.info(table(summary))     # through logging: on the console and in the job's cli.log
+    if summary["status"] == "diverged" and not _multirun():
+        sys.exit(EXIT_DIVERGED)
     return float(summary["aggregates"]["energy"]["median"])   # for sweepers that optimise

@@ -31,11 +31,11 @@ from typing import Any, Iterable
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .config import CHECKPOINT, SUMMARY, leaves, total_steps
+from .config import CHECKPOINT, FINISHED, SUMMARY, leaves, total_steps
 
 HYDRA_DIR = ".hydra"
 SCALARS = ("stopped_by", "steps", "t", "wall_time", "replicas", "depth", "diverged_count",
-           "near_rank_one", "gradient_evaluations")
+           "converged", "near_rank_one", "gradient_evaluations")
 # config keys that never distinguish runs (paths, display, bookkeeping)
 VOLATILE = ("run.out_dir", "run.progress", "resume", "threads", "run.checkpoint_every",
             "run.checkpoint_minutes")
@@ -152,6 +152,8 @@ def run_status(run_dir: Path) -> tuple[str, str, dict[str, Any] | None, dict[str
         status, config = summary.get("status", "completed"), summary.get("config")
         if status == "completed":
             return "completed", "", summary, config
+        if status == "diverged":
+            return "diverged", "every replica diverged (see the lr bound printed by the run)", summary, config
         if status == "failed":
             error = summary.get("error") or {}
             message = " ".join(str(error.get("message", "")).split())
@@ -192,8 +194,8 @@ def _differing(configs: list[dict[str, Any]]) -> list[str]:
 def collect(sweep_dir: str | Path, per_replica: bool = False, write: bool = True) -> pd.DataFrame:
     """Every run under `sweep_dir` as a DataFrame: one row per run (default) or per replica.
 
-    Columns: `run` (folder relative to sweep_dir), the swept values, `status` (completed | failed |
-    unfinished), `why` (empty when completed), the scalars of summary.json and each aggregate as
+    Columns: `run` (folder relative to sweep_dir), the swept values, `status` (completed | diverged |
+    failed | unfinished), `why` (empty when completed), the scalars of summary.json and each aggregate as
     `observable.stat`; per replica: `replica` and each final per-replica observable (singular
     values as singular_value_1, …). Failed and unfinished runs keep their row (NaN metrics).
     `write`: also save sweep.csv (sweep_replicas.csv per replica) in sweep_dir, and .parquet
@@ -227,7 +229,7 @@ def collect(sweep_dir: str | Path, per_replica: bool = False, write: bool = True
             else:
                 base[key] = config.get(key)
         base.update(status=rec["status"], why=rec["why"])
-        summary = rec["summary"] if rec["status"] == "completed" else None
+        summary = rec["summary"] if rec["status"] in FINISHED else None
         if not per_replica:
             row = dict(base)
             for key in SCALARS:
@@ -254,7 +256,7 @@ def collect(sweep_dir: str | Path, per_replica: bool = False, write: bool = True
             rows.append(row)
 
     df = pd.DataFrame(rows)
-    for column in ("steps", "replicas", "depth", "diverged_count", "near_rank_one", "gradient_evaluations", "replica"):
+    for column in ("steps", "replicas", "depth", "diverged_count", "converged", "near_rank_one", "gradient_evaluations", "replica"):
         if column in df and df[column].map(lambda v: v is None or pd.isna(v) or float(v).is_integer()).all():
             df[column] = df[column].astype("Int64")    # integers stay integers beside failed runs' blanks
     if df.empty:

@@ -71,8 +71,11 @@ class InitConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 20000
-    time: Optional[float] = None        # stop at t = lr·step ≥ time
+    steps: Optional[int] = None         # step budget; None: DEFAULT_STEPS, or as many as run.time needs
+    time: Optional[float] = None        # stop at t = lr·step ≥ time (with run.steps: whichever comes first)
+    # a replica has converged when its final E is below this: well below the O(1) energies the
+    # tasks start from (seed2x2: E(0) ≈ 1), well above float64 round-off (~1e-16 relative)
+    converged_energy: float = 1e-6
     stop_energy: float = 1e-10          # stop once every live replica has E below this
     stop_check_every: int = 100         # steps between stop tests (a host sync each)
     log_points: int = 200               # most logged times (half evenly, half log-spaced)
@@ -136,6 +139,38 @@ def optim_schema(name: Any) -> type:
     return registries()["optim"][name].schema
 
 
+FREE_FORM = ("tags",)     # keys whose contents the schema does not type
+
+
+def unknown_key(given: Any, schema: Any, prefix: str = "") -> tuple[str, list[str]] | None:
+    """The first key of `given` that `schema` does not have, with the keys it has there; None
+    if every key is known. Both are plain nested dicts; FREE_FORM keys are not looked into."""
+    for key, value in given.items():
+        if key not in schema:
+            return f"{prefix}{key}", sorted(schema)
+        if isinstance(value, dict) and isinstance(schema[key], dict) and f"{prefix}{key}" not in FREE_FORM:
+            found = unknown_key(value, schema[key], f"{prefix}{key}.")
+            if found is not None:
+                return found
+    return None
+
+
+def refuse_unknown_keys(given: DictConfig, schema: DictConfig) -> None:
+    """Every key the schema does not know is refused by name (`+model.dept=4`, which Hydra's own
+    hint for `model.dept=4` suggests, would otherwise run depth 3), with the nearest known key."""
+    import difflib
+    plain = [OmegaConf.to_container(c, resolve=False) if isinstance(c, DictConfig) else c for c in (given, schema)]
+    found = unknown_key(plain[0], plain[1])
+    if found is None:
+        return
+    key, known = found
+    parent, _, leaf = key.rpartition(".")
+    near = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{near[0]}?)" if near else ""
+    where = f"the keys of {parent} are" if parent else "the top-level keys are"
+    raise ConfigError(f"{key} is not a key of the config{hint}; {where} {', '.join(known)}.")
+
+
 def as_config(cfg: Any) -> DictConfig:
     """Any of Config, dict or DictConfig → a DictConfig typed by the schema and by the chosen
     optimiser's own schema (typos and keys of other optimisers fail here)."""
@@ -147,6 +182,7 @@ def as_config(cfg: Any) -> DictConfig:
     name = OmegaConf.select(given, "optim.name", default=None)
     schema = OmegaConf.structured(Config)
     schema.optim = OmegaConf.structured(optim_schema("gd" if name is None else name))
+    refuse_unknown_keys(OmegaConf.masked_copy(given, [k for k in given if k != "hydra"]), schema)
     return OmegaConf.merge(schema, given)
 
 
@@ -160,12 +196,25 @@ def derive_seeds(cfg: DictConfig) -> dict[str, int]:
             "dynamics": dynamics}
 
 
-def total_steps(cfg: DictConfig) -> int:
-    """run.steps, or fewer when run.time = lr·step comes first."""
-    steps = cfg.run.steps
-    if cfg.run.time is not None:
-        steps = min(steps, max(1, math.ceil(cfg.run.time / cfg.optim.lr - 1e-9)))
-    return int(steps)
+DEFAULT_STEPS = 20000    # the step budget when neither run.steps nor run.time is given
+
+
+def budget(cfg: Any) -> tuple[int, str]:
+    """(steps, "steps" | "time"): the step budget and the key that sets it. run.time alone needs
+    ceil(time / lr) steps; with run.steps too, whichever comes first; neither: DEFAULT_STEPS."""
+    steps, time = cfg.run.steps, cfg.run.time
+    if time is None:
+        return int(DEFAULT_STEPS if steps is None else steps), "steps"
+    # the 1e-9 keeps t = lr·step from missing `time` by one step to rounding (1e-3 · 105000)
+    for_time = max(1, math.ceil(time / cfg.optim.lr - 1e-9))
+    if steps is not None and steps < for_time:
+        return int(steps), "steps"
+    return int(for_time), "time"
+
+
+def total_steps(cfg: Any) -> int:
+    """The step budget (see `budget`)."""
+    return budget(cfg)[0]
 
 
 def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -181,6 +230,8 @@ def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 # what a run dir holds (see README, "Outputs of a run")
 CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
+# the statuses of a summary.json whose run reached its end (a diverged one: every replica diverged)
+FINISHED = ("completed", "diverged")
 
 
 def run_dir(cfg: Any) -> Path | None:
@@ -245,10 +296,12 @@ def validate(cfg: Any) -> None:
         optim_option.check(cfg)
 
     run = cfg.run
-    at_least("run.steps", run.steps, 1)
+    if run.steps is not None:
+        at_least("run.steps", run.steps, 1)
     if run.time is not None:
         positive_finite("run.time", run.time)
     non_negative_finite("run.stop_energy", run.stop_energy)
+    positive_finite("run.converged_energy", run.converged_energy)
     at_least("run.log_points", run.log_points, 2)
     at_least("run.log_replicas", run.log_replicas, 0)
     at_least("run.stop_check_every", run.stop_check_every, 1)

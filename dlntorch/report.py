@@ -2,6 +2,7 @@
 of TensorBoard's HPARAMS tab, and the table printed at the end of a run."""
 from __future__ import annotations
 
+import math
 import platform
 import socket
 from collections.abc import Mapping
@@ -13,38 +14,40 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .config import leaves
+from .config import budget, leaves
 from .events import summarise_events
 from .logger import aggregate
 
 
 def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, out: Path,
               seeds: dict[str, int], device: torch.device, widths: list[int], total_steps: int,
-              counters: dict[str, Any], wall_time: float) -> dict[str, Any]:
+              counters: dict[str, Any], wall_time: float, dynamics_depth: Any = None) -> dict[str, Any]:
     """summary.json of a completed run: what ran (config, seeds, environment, shapes), how far
     (steps, t, gradient evaluations, the dynamics' counters, wall time, why it stopped), and the
     final row: per replica, aggregated over live replicas, and its events (first passages,
-    rank jumps). `state` is the run's rundir.RunState, `final` its last logged row."""
+    rank jumps). `state` is the run's rundir.RunState, `final` its last logged row;
+    `dynamics_depth` the N the dynamics integrates (downstairs: optim.depth, maybe inf)."""
     s = state
     # the state (product, factors: analysis reads them from trajectory.npz) stays out of the JSON
     per_replica = {k: v.tolist() for k, v in final.items() if k not in ("step", "t") and v.ndim <= 2}
     per_replica["diverged"] = [bool(x) for x in final["diverged"]]
     live = final["diverged"] == 0
+    converged = live & (final["energy"] < cfg.run.converged_energy)
     aggregates = {k: aggregate(np.where(live, v, np.nan)) for k, v in final.items()
                   if v.ndim == 1 and k not in ("step", "t", "diverged")}
     # first passage below the stop level (1e-8 when the run has none) and rank jumps
     events = summarise_events(s.trajectory.arrays(), cfg.run.stop_energy or 1e-8)
     aggregates["convergence_time"] = aggregate(np.where(live, events["convergence_time"], np.nan))
     return {
-        "status": "completed",
-        "stopped_by": "stop_energy" if s.stopped else ("time" if cfg.run.time is not None
-                                                       and s.step == total_steps else "steps"),
+        "status": "completed" if live.any() else "diverged",
+        "stopped_by": stopped_by(cfg, s, live, total_steps),
         "out_dir": str(out),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "seeds": seeds,
         "environment": environment(device),
         "widths": widths,
         "depth": len(widths) - 1,
+        "dynamics_depth": depth_text(len(widths) - 1 if dynamics_depth is None else dynamics_depth),
         "replicas": cfg.replicas,
         "steps": s.step,
         "t": s.t,
@@ -52,11 +55,25 @@ def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, o
         **counters,
         "wall_time": wall_time,
         "diverged_count": int((~live).sum()),
-        "near_rank_one": int(((final["effective_rank"] < cfg.run.rank_one_tol) & live).sum()),
+        "converged": int(converged.sum()),
+        "converged_fraction": float(converged.mean()),
+        # near a rank-one minimiser: converged (a replica still at the origin has a small
+        # effective rank too) and of effective rank below run.rank_one_tol
+        "near_rank_one": int(((final["effective_rank"] < cfg.run.rank_one_tol) & converged).sum()),
         "aggregates": aggregates,
         "final": per_replica,
         "events": events,
     }
+
+
+def stopped_by(cfg: DictConfig, state: Any, live: np.ndarray, total_steps: int) -> str:
+    """What ended the run: `diverged` (no live replica left), `stop_energy` (every live one below
+    it), or the budget's key, `steps` or `time` (config.budget), once the loop reached it."""
+    if not live.any():
+        return "diverged"
+    if state.stopped:
+        return "stop_energy"
+    return budget(cfg)[1] if state.step >= total_steps else "steps"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -135,13 +152,28 @@ def headline(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def depth_text(depth: Any) -> Any:
+    """N as JSON and people write it: an integer, or "inf"."""
+    return "inf" if str(depth) == "inf" or (isinstance(depth, float) and math.isinf(depth)) else int(depth)
+
+
+def header(config: Mapping[str, Any], widths: list[int], depth: Any, device: Any) -> str:
+    """The run in one line: task and its shape, widths, the depth the dynamics integrates (the
+    downstairs flow's optim.depth, not the model's), replicas, dynamics with its parameters,
+    init, device and dtype. Printed at the start and heading the final table."""
+    optim, init = config["optim"], config["init"]
+    params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in optim.items() if k != "name")
+    return (f"dlntorch: {config['task']['name']} {widths[-1]}x{widths[0]}, widths {list(widths)}, "
+            f"depth {depth_text(depth)}, {config['replicas']} replicas, {optim['name']} {params}, "
+            f"init {init['name']} scale={init['scale']:g}, {device} {config['dtype']}")
+
+
 def table(summary: dict[str, Any]) -> str:
     """A short table of what happened, for the terminal."""
     cfg, agg = summary["config"], summary["aggregates"]
     lines = [
-        f"dlntorch: {cfg['task']['name']} {summary['widths'][-1]}x{summary['widths'][0]}, depth {summary['depth']}, "
-        f"{summary['replicas']} replicas, {cfg['optim']['name']} lr={cfg['optim']['lr']:g}, init {cfg['init']['name']} "
-        f"scale={cfg['init']['scale']:g}",
+        header(cfg, summary["widths"], summary.get("dynamics_depth", summary["depth"]),
+               summary["environment"]["device"]),
         f"stopped by {summary['stopped_by']} at step {summary['steps']} (t = {summary['t']:.4g}) "
         f"after {summary['wall_time']:.1f} s",
         f"outputs: {summary['out_dir']}",
@@ -153,10 +185,25 @@ def table(summary: dict[str, Any]) -> str:
         if key in agg:
             a = agg[key]
             lines.append(f"{key:<22}{a['median']:>12.3e}{a['min']:>12.3e}{a['max']:>12.3e}")
-    near = summary["near_rank_one"]
-    tol = cfg["run"]["rank_one_tol"]
+    B, run = summary["replicas"], cfg["run"]
+    near, converged = summary["near_rank_one"], summary["converged"]
     lines += ["",
-              f"near rank one (effective rank < {tol:g}): {near} / {summary['replicas']}"
-              f" ({100 * near / summary['replicas']:.0f} %)",
+              f"converged (E < {run['converged_energy']:g}): {converged} / {B} ({100 * converged / B:.0f} %)",
+              f"near rank one (converged, effective rank < {run['rank_one_tol']:g}): {near} / {B}"
+              f" ({100 * near / B:.0f} %)",
               f"diverged: {summary['diverged_count']}"]
-    return "\n".join(lines)
+    advice = not_converged_advice(summary)
+    return "\n".join(lines + ([advice] if advice else []))
+
+
+def not_converged_advice(summary: dict[str, Any]) -> str | None:
+    """A warning line when most replicas (more than half) did not converge, with the likely
+    fixes: ten times the time (or steps), or a ten times larger start, which leaves the saddle
+    at the origin sooner. None when most converged or when every replica diverged."""
+    B, converged, live = summary["replicas"], summary["converged"], summary["replicas"] - summary["diverged_count"]
+    if 2 * converged >= B or live == 0:
+        return None
+    cfg = summary["config"]
+    return (f"warning: {B - converged} of {B} replicas did not converge (E ≥ {cfg['run']['converged_energy']:g} "
+            f"at t = {summary['t']:.4g}): run longer: run.time={10 * summary['t']:.4g} / "
+            f"run.steps={10 * summary['steps']}, or start larger: init.scale={10 * cfg['init']['scale']:g}")

@@ -16,11 +16,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .config import CHECKPOINT, EVENTS, SUMMARY, TRAJECTORY, derive_seeds, leaves, run_dir
+from .config import CHECKPOINT, EVENTS, FINISHED, SUMMARY, TRAJECTORY, derive_seeds, leaves, run_dir
 from .errors import ConfigError
 from .logger import Trajectory, atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
+SUPERSEDED = "superseded"      # <run dir>/superseded/<time>/: a fresh start's old events
 
 # keys a resumed run may change: where and how it runs, not what it computes
 FREE_ON_RESUME = ("resume", "threads", "device", "experiment", "tags", "run.out_dir", "run.progress",
@@ -64,15 +65,18 @@ class RunDir:
         return (self.path / CHECKPOINT).is_file()
 
     def set_superseded_events_aside(self) -> None:
-        """A fresh start: events an earlier attempt left move to tb/superseded-<time>-<n>/, so no
-        step appears twice in TensorBoard."""
-        stale = sorted(self.events.glob("events.out.tfevents.*")) if self.events.is_dir() else []
+        """A fresh start: events an earlier attempt left move to superseded/<time>-<n>/ beside tb/,
+        renamed so their names no longer hold "tfevents": TensorBoard (and its data server) read
+        only files whose name does, so `tensorboard --logdir` on the run or sweep dir shows no
+        extra run, and no step appears twice."""
+        stale = sorted(self.events.glob("*tfevents*")) if self.events.is_dir() else []
         if stale:
-            count = len(list(self.events.glob("superseded-*")))
-            aside = self.events / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-{count}"
+            root = self.path / SUPERSEDED
+            count = len(list(root.glob("*"))) if root.is_dir() else 0
+            aside = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{count}"
             aside.mkdir(parents=True)
             for file in stale:
-                file.replace(aside / file.name)
+                file.replace(aside / file.name.replace("tfevents", SUPERSEDED))
 
     def save(self, state: RunState, dynamics: Any, cfg: DictConfig, elapsed: float) -> None:
         """Write checkpoint.pt atomically (temporary file, then rename): a crash or a kill at any
@@ -106,11 +110,11 @@ class RunDir:
         return True
 
     def completed(self) -> dict[str, Any] | None:
-        """The summary of a run that completed here, else None."""
+        """The summary of a run that reached its end here (completed or diverged), else None."""
         path = self.path / SUMMARY
         if path.is_file():
             previous = json.loads(path.read_text())
-            if previous.get("status") == "completed":
+            if previous.get("status") in FINISHED:
                 return previous
         return None
 
@@ -131,7 +135,7 @@ def check_resumable(then: dict[str, Any], now: dict[str, Any], path: Path) -> No
 
 def record_failure(cfg: DictConfig, error: BaseException) -> Path | None:
     """Write a `status: failed` summary.json (error, config, seeds, traceback) into the run dir,
-    so that `dlntorch.collect` lists the run with why. A completed summary is never overwritten.
+    so that `dlntorch.collect` lists the run with why. A finished run's summary is never overwritten.
     Returns the path written, or None. Never raises: it runs while handling another error."""
     try:
         out = run_dir(cfg)
@@ -140,7 +144,7 @@ def record_failure(cfg: DictConfig, error: BaseException) -> Path | None:
         path = out / SUMMARY
         if path.is_file():
             try:
-                if json.loads(path.read_text()).get("status") == "completed":
+                if json.loads(path.read_text()).get("status") in FINISHED:
                     return None
             except (OSError, ValueError):
                 pass

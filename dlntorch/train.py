@@ -9,13 +9,17 @@ times and stop checks. `hooks` (hooks.py) let an instrument time each stretch of
 """
 from __future__ import annotations
 
+import logging
+import shlex
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .config import as_config, derive_seeds, resolve_depth, total_steps, validate
@@ -25,13 +29,51 @@ from .init import initial_factors
 from .logger import log_steps
 from .network import DeepLinearNetwork, default_widths
 from .recorder import Recorder
-from .report import headline, hparams, summarise, sweep_of_this_job
+from .report import depth_text, header, headline, hparams, summarise, sweep_of_this_job
 from .rundir import RunDir, RunState, hydra_overrides
 from .tasks import Task, build_task
+
+log = logging.getLogger(__name__)
 
 
 class DivergenceError(RuntimeError):
     """A replica diverged and run.on_divergence=error."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint; the message is the one line that
+    says where, at which step, and the command that resumes it. `exit_code`: 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+class Signals:
+    """While a run's loop runs, SIGINT and SIGTERM (SLURM's warning before a time limit) only
+    set `caught`: the loop checkpoints after the current advance and stops. A second signal
+    stops at once (KeyboardInterrupt). The previous handlers come back on exit."""
+
+    NAMES = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.caught: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.caught is not None:
+            raise KeyboardInterrupt
+        self.caught = signum
+
+    def __enter__(self) -> Signals:
+        if threading.current_thread() is threading.main_thread():   # signals reach only the main thread
+            for signum in self.NAMES:
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 # ------------------------------------------------------------------------ configuration
@@ -79,6 +121,7 @@ class Lab:
                               G0=[g.detach().clone() for g in self.net.balancedness()])
         self.hooks = hooks or Hooks()
         self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run, self.grid, self.dynamics.beta, self.hooks)
+        self.signals = Signals()
 
     def wall(self) -> float:
         return time.monotonic() - self.started
@@ -108,8 +151,54 @@ class Lab:
                                   "and run.on_divergence=error")
         live = energy[~s.diverged]
         if self.pending_switches():
+            self.live = (live.numel(), float(live.median()) if live.numel() else float("nan"))
             return False      # a scheduled switch is still to come: fitting the smaller set is not the end
-        return live.numel() == 0 or bool((live < self.cfg.run.stop_energy).all())
+        if live.numel() == 0:
+            self.live = (0, float("nan"))
+            return True
+        # the stop test and the bar's median energy in one transfer from the device
+        below, median = torch.stack([(live < self.cfg.run.stop_energy).all().to(live.dtype), live.median()]).tolist()
+        self.live = (live.numel(), median)
+        return below > 0
+
+    def announce(self, resumed: bool) -> None:
+        """The header, where the outputs go and how to watch them, before the first step; with
+        resume=true, whether the run continues from a checkpoint or starts fresh."""
+        cfg, s = self.cfg, self.state
+        log.info(header(OmegaConf.to_container(cfg, resolve=True), self.widths,
+                        self.dynamics.depth, self.device))
+        log.info("outputs: %s (watch: tensorboard --logdir %s)", self.rundir.path, self.rundir.path)
+        if cfg.resume:
+            log.info(f"resume=true: continuing from the checkpoint in {self.rundir.path} at step {s.step} "
+                     f"(t = {s.t:.4g})" if resumed else
+                     f"resume=true: no checkpoint in {self.rundir.path}: starting fresh")
+
+    def interrupt(self, signum: int) -> Interrupted:
+        """Checkpoint (trajectory so far included) and the one line saying how to resume."""
+        self.checkpoint()
+        self.recorder.tb.close()
+        s, out = self.state, self.rundir.path
+        given = hydra_overrides()
+        if given is None:       # called from Python: the same config again
+            how = f"the same config with resume=true and run.out_dir={out}"
+        else:                   # the command line again, into this run dir
+            kept = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in ("hydra.run.dir", "resume")]
+            how = shlex.join(["python", "-m", "dlntorch", *kept, f"hydra.run.dir={out}", "resume=true"])
+        return Interrupted(f"dlntorch: interrupted by {signal.Signals(signum).name} at step {s.step} "
+                           f"(t = {s.t:.4g}); checkpoint and trajectory in {out}; resume with: {how}", signum)
+
+    def diverged_line(self) -> str | None:
+        """Any divergence: the count, and 2/λ_max at t = 0 (the sharpest replica's), the largest
+        learning rate under which gradient descent is stable at the start."""
+        count = int(self.state.diverged.sum())
+        if count == 0:
+            return None
+        from .sharpness import largest_stable_lr
+        start = initial_factors(self.cfg.init, self.widths, self.cfg.replicas, self.seeds["init"])
+        bound = largest_stable_lr([f.to(self.device, self.dtype) for f in start], self.task)
+        return (f"dlntorch: {count} of {self.cfg.replicas} replicas diverged at optim.lr={self.cfg.optim.lr:g}; "
+                f"lr ≲ 2/λ_max = {bound:.3g} at t = 0 (λ_max: the Hessian's top eigenvalue at the start, "
+                f"sharpest replica; it grows as W does, so the stable lr may be lower)")
 
     # -- task.schedule: the observed set switches at given steps --------------------------
     def pending_switches(self) -> list[int]:
@@ -140,9 +229,11 @@ class Lab:
         self.started = time.monotonic()
         resumed = cfg.resume and self.rundir.restore(s, self.dynamics, cfg, self.device)
         if resumed and (previous := self.rundir.completed()) is not None:
+            log.info(f"resume=true: the run in {self.rundir.path} had finished; nothing left to do")
             return previous           # nothing left to do: the run had finished
         # resuming purges the events past the checkpoint; past a final checkpoint, the final
         # step's own events too (the reports may have been half written), which finish rewrites
+        self.announce(resumed)
         self.recorder.open(self.rundir.events,
                            purge_step=None if not resumed else s.step if s.finished else s.step + 1)
         self.last_checkpoint = (s.step, time.monotonic())
@@ -155,27 +246,33 @@ class Lab:
         self.dynamics.plan(self.segment(ends))
         if s.finished:        # killed after its final checkpoint: only the reports are left
             return self.finish()
-        bar = progress_bar(cfg, self.total_steps, s.step)
+        bar = progress_bar(cfg, self.total_steps, s.step, self.dynamics.depth)
         if s.step == 0 and not s.trajectory.rows:
             self.check()
             self.recorder.log()
-        for end in ends[ends > s.step]:
-            with self.hooks.phase("advance"):
-                self.dynamics.advance(int(end) - s.step)
-                s.gradient_evaluations = self.dynamics.gradient_evaluations
-                s.step, s.t = int(end), self.dynamics.time(int(end))
-                if self.task.schedule is not None and s.step in self.task.schedule.switches:
-                    self.follow_schedule()
-                    self.dynamics.plan(self.segment(ends))
-                s.stopped = self.check()
-            if end in self.grid or s.stopped or end == self.total_steps:
-                self.recorder.log()
-            if bar is not None:
-                bar.update(int(end) - bar.n)
-            if s.stopped:
-                break
-            if self.checkpoint_due():
-                self.checkpoint()
+        with self.signals:
+            for end in ends[ends > s.step]:
+                with self.hooks.phase("advance"):
+                    self.dynamics.advance(int(end) - s.step)
+                    s.gradient_evaluations = self.dynamics.gradient_evaluations
+                    s.step, s.t = int(end), self.dynamics.time(int(end))
+                    if self.task.schedule is not None and s.step in self.task.schedule.switches:
+                        self.follow_schedule()
+                        self.dynamics.plan(self.segment(ends))
+                    s.stopped = self.check()
+                if end in self.grid or s.stopped or end == self.total_steps:
+                    self.recorder.log()
+                if bar is not None:
+                    bar.set_postfix(live=self.live[0], E=f"{self.live[1]:.3g}", refresh=False)
+                    bar.update(int(end) - bar.n)
+                if s.stopped:
+                    break
+                if self.signals.caught is not None:
+                    if bar is not None:
+                        bar.close()
+                    raise self.interrupt(self.signals.caught)
+                if self.checkpoint_due():
+                    self.checkpoint()
         if bar is not None:
             bar.close()
         return self.finish()
@@ -196,12 +293,15 @@ class Lab:
             self.recorder.histograms(s.step, final)
             summary = summarise(self.cfg, s, final, out=self.rundir.path, seeds=self.seeds,
                                 device=self.device, widths=self.widths, total_steps=self.total_steps,
-                                counters=self.dynamics.counters(), wall_time=s.elapsed + self.wall())
+                                counters=self.dynamics.counters(), wall_time=s.elapsed + self.wall(),
+                                dynamics_depth=self.dynamics.depth)
             if self.task.schedule is not None:
                 summary["schedule"] = self.task.schedule.record(self.dynamics.time)
             self.recorder.close(s.step, hparams(summary["config"], hydra_overrides(), sweep_of_this_job()),
                                 headline(summary))
             self.rundir.write_summary(summary)
+            if (line := self.diverged_line()) is not None:
+                log.warning(line)
             return summary
 
 
@@ -213,14 +313,16 @@ def chunk_ends(grid: np.ndarray, every: int | None, total: int) -> np.ndarray:
     return np.unique(np.concatenate(ends)).astype(np.int64)
 
 
-def progress_bar(cfg: DictConfig, total: int, start: int):
+def progress_bar(cfg: DictConfig, total: int, start: int, depth: Any):
+    """The bar (N: the depth the dynamics integrates); its postfix, set at stop checks, shows the
+    live replicas and their median energy."""
     if not cfg.run.progress:
         return None
     from tqdm.auto import tqdm
     # delay: the bar appears only on runs that take more than a few seconds
     return tqdm(total=total, initial=start, delay=3, unit="step", dynamic_ncols=True,
-                desc=f"{cfg.task.name} N={len(cfg.model.widths) - 1 if cfg.model.widths else resolve_depth(cfg.model)}",
-                file=sys.stderr)
+                desc=f"{cfg.task.name} N={depth_text(depth)}", file=sys.stderr)
+
 
 
 def run(cfg: Any, hooks: Hooks | None = None) -> dict[str, Any]:
@@ -229,8 +331,10 @@ def run(cfg: Any, hooks: Hooks | None = None) -> dict[str, Any]:
     `threads` sets torch's threads for this process (launcher jobs get cores // parallel jobs).
     With `resume=true` and a checkpoint.pt in the run dir the run continues from it (a completed
     run just returns its summary); otherwise it starts afresh, and TensorBoard events that an
-    earlier attempt left in the run dir move to tb/superseded-<time>/, so no step appears twice.
-    `hooks` watch the loop (see dlntorch.hooks).
+    earlier attempt left in the run dir move to superseded/<time>/ (renamed so that TensorBoard
+    does not read them), so no step appears twice. `hooks` watch the loop (see dlntorch.hooks).
+    SIGINT / SIGTERM during the loop checkpoint the run and raise `Interrupted` (its message says
+    how to resume). A run with divergences logs one line with the count and 2/λ_max at t = 0.
     """
     cfg = as_config(cfg)
     validate(cfg)
