@@ -157,12 +157,23 @@ def depth_text(depth: Any) -> Any:
     return "inf" if str(depth) == "inf" or (isinstance(depth, float) and math.isinf(depth)) else int(depth)
 
 
+# a constant schedule has no warm-up or decay, and zero label noise none: their keys say nothing
+SCHEDULE_KEYS = ("warmup_steps", "decay_every", "decay_factor")
+
+
+def _idle(optim: Mapping[str, Any], key: str) -> bool:
+    if key in SCHEDULE_KEYS:
+        return optim.get("schedule") in (None, "constant")
+    return (key == "schedule" and optim[key] == "constant") or (key == "label_noise" and not optim[key])
+
+
 def header(config: Mapping[str, Any], widths: list[int], depth: Any, device: Any) -> str:
     """The run in one line: task and its shape, widths, the depth the dynamics integrates (the
     downstairs flow's optim.depth, not the model's), replicas, dynamics with its parameters,
     init, device and dtype. Printed at the start and heading the final table."""
     optim, init = config["optim"], config["init"]
-    params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in optim.items() if k != "name")
+    params = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in optim.items()
+                      if k != "name" and not _idle(optim, k))
     return (f"dlntorch: {config['task']['name']} {widths[-1]}x{widths[0]}, widths {list(widths)}, "
             f"depth {depth_text(depth)}, {config['replicas']} replicas, {optim['name']} {params}, "
             f"init {init['name']} scale={init['scale']:g}, {device} {config['dtype']}")

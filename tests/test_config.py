@@ -168,7 +168,7 @@ def test_a_key_of_another_optimiser_is_refused_at_start_up(make_cfg):
     with pytest.raises(ConfigError, match=r"^optim\.beta is not a key of the config; the keys of optim are "):
         run({"optim": {"name": "gd", "beta": 5}})
     with pytest.raises(ConfigError, match=r"^optim\.batch_size is not a key of the config; the keys of optim "
-                                          r"are beta, lr, name"):
+                                          r"are beta, decay_every, decay_factor, kappa, label_noise, lr, name, noise"):
         run(make_cfg("optim=langevin", "+optim.batch_size=3"))
 
 
