@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -205,7 +206,7 @@ def plot_run(run: Run, observables: Sequence[str] | None = None, path: str | Pat
     `singular_values` the median of each s_i. Default panels: PANELS, those the run has. Saved to
     `path` if given; returns the matplotlib Figure."""
     from matplotlib import colormaps
-    from matplotlib.figure import Figure   # no pyplot: no display, no global figure to leak in loops
+    from matplotlib.figure import Figure  # no pyplot: no display, no global figure to leak in loops
 
     from .report import table
 

@@ -39,7 +39,8 @@ def load_completion_file(path: str) -> tuple[Tensor, Tensor, Tensor | None]:
     if mask.ndim != 2 or mask.shape != values.shape or (truth is not None and truth.shape != mask.shape):
         shapes = f"mask {tuple(mask.shape)}, values {tuple(values.shape)}" + (
             "" if truth is None else f", truth {tuple(truth.shape)}")
-        raise ConfigError(f"task.file={path!r} is not allowed: mask and values must be matrices of one shape ({shapes}).")
+        raise ConfigError(f"task.file={path!r} is not allowed: mask and values must be matrices of one shape "
+                          f"({shapes}).")
     if not mask.to(torch.bool).any():
         raise ConfigError(f"task.file={path!r} is not allowed: its mask observes no entry.")
     to64 = lambda a: None if a is None else a.to(torch.float64)  # noqa: E731

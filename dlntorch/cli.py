@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from .config import ConfigError, register
 from .report import table
-from .rundir import record_failure   # what a failed job leaves in its run dir
+from .rundir import record_failure  # what a failed job leaves in its run dir
 
 log = logging.getLogger(__name__)
 register()   # the schemas, each optimiser's own among them, before Hydra composes

@@ -25,8 +25,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 from omegaconf import OmegaConf
@@ -256,7 +257,8 @@ def collect(sweep_dir: str | Path, per_replica: bool = False, write: bool = True
             rows.append(row)
 
     df = pd.DataFrame(rows)
-    for column in ("steps", "replicas", "depth", "diverged_count", "converged", "near_rank_one", "gradient_evaluations", "replica"):
+    for column in ("steps", "replicas", "depth", "diverged_count", "converged", "near_rank_one",
+                   "gradient_evaluations", "replica"):
         if column in df and df[column].map(lambda v: v is None or pd.isna(v) or float(v).is_integer()).all():
             df[column] = df[column].astype("Int64")    # integers stay integers beside failed runs' blanks
     if df.empty:
@@ -285,7 +287,8 @@ def table(df: pd.DataFrame, swept: Iterable[str] | None = None, max_rows: int = 
     shown = df[columns].astype(object)
     for column in shown:
         floats = column in ("energy.median", "effective_rank.median", "wall_time", "t")
-        shown[column] = shown[column].map(lambda v: "" if v is None or (not isinstance(v, str) and pd.isna(v))
+        shown[column] = shown[column].map(lambda v, floats=floats: "" if v is None or (not isinstance(v, str)
+                                                                                       and pd.isna(v))
                                           else f"{v:.3g}" if floats else v)
     return shown.to_string(index=False, max_rows=max_rows)
 

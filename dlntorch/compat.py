@@ -14,7 +14,8 @@ exists; otherwise dlntorch takes the public path, slower but the same result:
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # (major, minor) ranges, inclusive, that the private paths were tested with
 TESTED = {"torch": ((2, 0), (2, 13)), "tensorboard": ((2, 0), (2, 21))}

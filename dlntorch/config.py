@@ -23,8 +23,16 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import (ConfigError, at_least, fail, non_negative_finite, one_of, parse_depth,  # noqa: F401
-                     positive_finite, resolve_depth)
+from .errors import (  # noqa: F401
+    ConfigError,
+    at_least,
+    fail,
+    non_negative_finite,
+    one_of,
+    parse_depth,
+    positive_finite,
+    resolve_depth,
+)
 
 LOSSES = ("half_sum", "mean", "half_mean")
 DTYPES = ("float64", "float32")

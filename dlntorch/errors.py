@@ -1,5 +1,6 @@
 """Bad input, said in one sentence: `ConfigError`, the value checks every option's own `check`
-is written with, and the readers of values several options share (the depth). The lowest layer: it imports nothing from dlntorch, so every module
+is written with, and the readers of values several options share (the depth). The lowest layer: it
+imports nothing from dlntorch, so every module
 (options, config, the loop) can raise and check downward."""
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ acting on the left of factors[q] and on the right of factors[q + 1].
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

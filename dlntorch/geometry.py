@@ -12,7 +12,7 @@ Depth N is a positive integer or math.inf; at N = inf the functions return the l
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -86,10 +86,11 @@ def f_N(x, y, N: Depth) -> Tensor:
     # Every branch gets safe inputs, so that torch.where never back-propagates 0·inf = NaN.
     safe_big = torch.where(interior, big, torch.ones_like(big))
     safe_small = torch.where(interior, small, torch.full_like(small, 0.5))
-    l = (2.0 / N) * _log_ratio(safe_big, safe_small)
-    near = (N * l).abs() < _SERIES_CUTOFF
-    l_far = torch.where(near, torch.full_like(l, -1.0), l)
-    l_near = torch.where(near, l, torch.zeros_like(l))
+    # ℓ = (2/N) log(small/big) ≤ 0, and f_N = big^{2−2/N} Σ_{j<N} e^{jℓ} (a geometric sum)
+    ell = (2.0 / N) * _log_ratio(safe_big, safe_small)
+    near = (N * ell).abs() < _SERIES_CUTOFF
+    l_far = torch.where(near, torch.full_like(ell, -1.0), ell)
+    l_near = torch.where(near, ell, torch.zeros_like(ell))
     geometric = torch.where(
         near,
         N * torch.exp((N - 1) * l_near / 2) * _sinhc_series(N * l_near / 2) / _sinhc_series(l_near / 2),

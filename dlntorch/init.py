@@ -6,7 +6,8 @@ the same initial condition on every device and dtype.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -14,8 +14,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +84,7 @@ def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
     """An .npz (np.load reads it) deflated at level 1: as small as np.savez_compressed's level 6
     on these float arrays and twice as fast, which matters at every checkpoint."""
     import zipfile
+
     from numpy.lib import format as npy
 
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
@@ -151,7 +153,7 @@ class Trajectory:
                 if all(key in row for row in self.rows)}
 
     @classmethod
-    def load(cls, path: Path, rows: int) -> "Trajectory":
+    def load(cls, path: Path, rows: int) -> Trajectory:
         """The first `rows` logged rows of a saved trajectory."""
         if rows == 0:
             return cls()
@@ -237,7 +239,7 @@ class TensorBoardLog:
 
     def __init__(self, log_dir: Path, replicas_shown: int, purge_step: int | None = None,
                  tags: str = "headline", histogram_steps: Sequence[int] = ()):
-        from torch.utils.tensorboard import SummaryWriter   # imports tensorboard: do it lazily
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: do it lazily
 
         compat.install_event_checksums(masked_crc32c)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
@@ -270,7 +272,8 @@ class TensorBoardLog:
         values = np.stack([np.stack([row[k] for k in names]) for row in rows]).astype(np.float64)  # (K, n, B)
         dead = np.stack([row["diverged"] > 0 for row in rows])[:, None, :]
         K, n, B = values.shape
-        stats = {a: v.reshape(K, n) for a, v in aggregate_rows(np.where(dead, np.nan, values).reshape(K * n, B)).items()}
+        live_values = np.where(dead, np.nan, values).reshape(K * n, B)
+        stats = {a: v.reshape(K, n) for a, v in aggregate_rows(live_values).items()}
         shown = min(self.replicas_shown, B)
         if not self.layout_written:
             self.writer.add_custom_scalars(layout(names, shown))

@@ -5,7 +5,7 @@ Computed only at logged times (an SVD per replica is the expensive part), never 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

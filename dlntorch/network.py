@@ -5,7 +5,8 @@ Factor p (p = 1..N) is one nn.Parameter of shape (B, d_p, d_{p-1}); the product 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -9,7 +9,8 @@ layout by `view` — so every layout draws the same numbers in the same order.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

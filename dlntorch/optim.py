@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -367,7 +368,7 @@ def _sgd_kernel(optimizer: Optimizer, state, grads, draws=None, view=None) -> No
     sgd_update_(state, grads, group["lr"], group["weight_decay"])
 
 
-def _langevin_kernel(optimizer: "Langevin", state, grads, draws=None, view=None) -> None:
+def _langevin_kernel(optimizer: Langevin, state, grads, draws=None, view=None) -> None:
     optimizer.update_(state, grads, draws=draws, view=view)
 
 

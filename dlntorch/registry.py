@@ -6,8 +6,9 @@ condition, an optimiser or a noise model touches its own module, its YAML and it
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .errors import ConfigError
 

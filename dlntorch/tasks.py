@@ -506,7 +506,8 @@ def _check_completion(cfg: Any) -> None:
         return          # the schedule's counts replace task.observations
     at_least("task.observations", task.observations, 1)
     if task.observations > m * n:
-        fail("task.observations", task.observations, f"it must be between 1 and the {m * n} entries of a {m}x{n} matrix")
+        fail("task.observations", task.observations,
+             f"it must be between 1 and the {m * n} entries of a {m}x{n} matrix")
 
 
 def _check_sensing(cfg: Any) -> None:

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
 from .config import as_config, derive_seeds, resolve_depth, total_steps, validate
 from .dynamics import Dynamics, build_dynamics
+from .errors import ConfigError
 from .hooks import Hooks
 from .init import initial_factors
 from .logger import log_steps
@@ -82,7 +82,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' is not allowed: this machine has no CUDA device; use device=cpu or device=auto.")
+        raise ConfigError("device='cuda' is not allowed: this machine has no CUDA device; "
+                          "use device=cpu or device=auto.")
     return torch.device(name)
 
 
@@ -120,7 +121,8 @@ class Lab:
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()])
         self.hooks = hooks or Hooks()
-        self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run, self.grid, self.dynamics.beta, self.hooks)
+        self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run, self.grid, self.dynamics.beta,
+                                 self.hooks)
         self.signals = Signals()
 
     def wall(self) -> float:

@@ -156,7 +156,8 @@ def main(argv=None) -> dict:
               f"{r['W21_final']:>10.4f} {r['hyperbola_distance_final']:>10.4f} {r['s2_final']:>8.4f} "
               f"{r['effective_rank_final']:>8.4f} {tau_e:>9} {r['evaluations']:>6d}")
     if fit:
-        print(f"fit on N ≥ {fit['min_depth']}: max distance ≈ {fit['C']:.3g} · N^{fit['slope']:.3f} (expected slope −1)")
+        print(f"fit on N ≥ {fit['min_depth']}: max distance ≈ {fit['C']:.3g} · N^{fit['slope']:.3f} "
+              "(expected slope −1)")
     print("\nf_N/N − f_∞ is first order in 1/N with coefficient −log(xy) (non-uniform):")
     print(f"{'x':>5} {'y':>5} {'−log(xy)':>9} " + " ".join(f"{'N·gap N=' + k.rsplit('N', 1)[1]:>13}"
                                                         for k in gaps[0] if k.startswith("N_times")))

@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from dlntorch.analysis import (aggregate_trajectory, load_run, main, plot_run, sweep_trajectories,
-                               trajectory_frame)
+from dlntorch.analysis import aggregate_trajectory, load_run, main, plot_run, sweep_trajectories, trajectory_frame
 from dlntorch.collect import collect
 from dlntorch.train import run
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, HydraException
-from omegaconf.errors import ValidationError, ConfigKeyError
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dlntorch.config import ConfigError
 from dlntorch.train import run
@@ -174,6 +174,7 @@ def test_a_key_of_another_optimiser_is_refused_at_start_up(make_cfg):
 
 def test_each_optimiser_yaml_is_typed_by_its_own_schema(make_cfg):
     from omegaconf import OmegaConf
+
     from dlntorch.config import as_config, registries
     for name, option in registries()["optim"].options.items():
         if option.schema is None or name.startswith("toy_"):

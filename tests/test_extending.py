@@ -24,7 +24,6 @@ from dlntorch.optim import OPTIMISERS
 from dlntorch.tasks import TASKS, Task, task_shape
 from dlntorch.train import Lab, run
 
-
 # ---------------------------------------------------------------- the task's module
 
 class Target(Task):

@@ -11,8 +11,18 @@ import pytest
 import torch
 from torch.func import jvp
 
-from dlntorch.fibre import (fibre_brownian_step, fibre_frame, flatten, generators_from_flat, project,
-                            tangent, tangent_adjoint, tangent_matrix, tangential_part, unflatten)
+from dlntorch.fibre import (
+    fibre_brownian_step,
+    fibre_frame,
+    flatten,
+    generators_from_flat,
+    project,
+    tangent,
+    tangent_adjoint,
+    tangent_matrix,
+    tangential_part,
+    unflatten,
+)
 from dlntorch.geometry import fibre_move
 from dlntorch.network import chain
 

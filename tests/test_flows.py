@@ -129,7 +129,7 @@ def test_scalar_closed_forms_agree_with_each_other():
 @pytest.mark.parametrize("N", [1, 2, 3, 4, 6, 10])
 def test_scalar_flows_match_closed_form(N):
     T = TAU / N
-    exact = torch.tensor([invert(lambda w: scalar_time(N, w0, w, Y), w0, T) for w0 in W0], dtype=DT)
+    exact = torch.tensor([invert(lambda w, w0=w0: scalar_time(N, w0, w, Y), w0, T) for w0 in W0], dtype=DT)
     start = torch.tensor(W0, dtype=DT).reshape(-1, 1, 1)
     grad_fn = regression(torch.full((1, 1, 1), Y, dtype=DT))
     factors = balanced_factors(start, [1] * (N + 1))
@@ -146,7 +146,7 @@ def test_scalar_flows_match_closed_form(N):
 
 def test_scalar_infinite_depth_in_rescaled_time():
     # f_∞(w, w) = w², so dw/dτ = −w²(w − y)
-    exact = torch.tensor([invert(lambda w: scalar_time_inf(w0, w, Y), w0, TAU) for w0 in W0], dtype=DT)
+    exact = torch.tensor([invert(lambda w, w0=w0: scalar_time_inf(w0, w, Y), w0, TAU) for w0 in W0], dtype=DT)
     start = torch.tensor(W0, dtype=DT).reshape(-1, 1, 1)
     grad_fn = regression(torch.full((1, 1, 1), Y, dtype=DT))
     down, _ = integrate_downstairs(start, grad_fn, [0.0, TAU], INF, time_scale="per_depth")

@@ -80,6 +80,7 @@ def test_initial_conditions_are_seeded():
 
 def test_a_prescribed_spectrum_is_the_truths():
     from omegaconf import OmegaConf
+
     from dlntorch.config import TaskConfig
     from dlntorch.tasks import build_task
     cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig),

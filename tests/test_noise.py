@@ -5,7 +5,6 @@ against independent references in test_fibre.py; here: the models through the La
 optimiser, their refusals, and the balanced model's stationary law against quadrature.
 """
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -82,11 +81,13 @@ def test_tangential_with_kappa_one_is_the_isotropic_model():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["optim.noise=tangential", "optim.kappa=1.5"], r"^optim.kappa=1.5 is not allowed: it must be a number in \[0, 1\]"),
+    (["optim.noise=tangential", "optim.kappa=1.5"],
+     r"^optim.kappa=1.5 is not allowed: it must be a number in \[0, 1\]"),
     (["optim.noise=isotropic", "optim.kappa=0.5"], r"^optim.kappa=0.5 is not allowed: it mixes normal noise"),
     (["optim.noise=balanced"], r"^optim.noise='balanced' is not allowed: it is implemented for 1x1 factors"),
     (["optim.noise=tangential", "model.depth=1"], r"^optim.noise='tangential' is not allowed: depth 1 has no fibre"),
-    (["optim.noise=fibre_brownian", "init.scale=1e-300"], r"^optim.noise=fibre_brownian is not allowed from this start"),
+    (["optim.noise=fibre_brownian", "init.scale=1e-300"],
+     r"^optim.noise=fibre_brownian is not allowed from this start"),
     (["optim.beta=0"], r"^optim.beta=0 is not allowed"),
 ])
 def test_bad_noise_settings_are_one_sentence_before_any_compute(make_cfg, tmp_path, overrides, message):

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from dlntorch.cli import available_cores, record_failure
-from dlntorch.collect import collect, main as collect_main
+from dlntorch.collect import collect
+from dlntorch.collect import main as collect_main
 from dlntorch.config import ConfigError
 from dlntorch.train import run
 
@@ -35,7 +36,7 @@ def assert_grid_table(sweep: Path) -> None:
     assert {"model.depth", "init.scale"} <= set(df.attrs["swept"])
     assert sorted(zip(df["model.depth"], df["init.scale"])) == [(2, 0.01), (2, 0.1), (3, 0.01), (3, 0.1)]
     # the table's values are the runs' own
-    for i, row in df.iterrows():
+    for _, row in df.iterrows():
         summary = json.loads((sweep / row["run"] / "summary.json").read_text())
         assert summary["depth"] == row["depth"] == row["model.depth"]
         assert summary["config"]["init"]["scale"] == row["init.scale"]

@@ -210,7 +210,8 @@ def test_a_sweeps_hparams_list_only_the_swept_keys_and_its_jobs_are_named_by_the
         experiment = hparams_of(reader, "experiment").experiment
         assert [h.name for h in experiment.hparam_infos] == ["model.depth", "init.scale"]
         assert [m.name.tag for m in experiment.metric_infos] == [
-            "hparam/converged_fraction", "hparam/near_rank_one_fraction", "hparam/energy_median", "hparam/effective_rank_median",
+            "hparam/converged_fraction", "hparam/near_rank_one_fraction", "hparam/energy_median",
+            "hparam/effective_rank_median",
             "hparam/balancedness_median", "hparam/diverged"]
         values = hparams_of(reader, "session_start_info").session_start_info.hparams
         summary = json.loads((sweep / job / "summary.json").read_text())

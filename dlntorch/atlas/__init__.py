@@ -9,8 +9,8 @@ figure.png (see common.py).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .common import Notebook, run_instrument
 

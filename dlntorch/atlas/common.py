@@ -17,8 +17,9 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,7 @@ def interval(fit: dict[str, float], digits: int = 2) -> str:
 
 def versions() -> dict[str, str]:
     import torch
+
     from .. import __version__
     return {"dlntorch": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform()}

@@ -10,8 +10,8 @@ a random point. Brackets are Jacobian-vector products (torch.func.jvp), nested a
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

@@ -60,7 +60,8 @@ def measure(book: Notebook) -> None:
                 grid_rows += [{"slice": name, "extent": extent, "depth": depth, "a": x, "b": y, "converged": bool(c),
                                "full_rank": bool(f), "det": d, "sigma_ratio": q}
                               for x, y, c, f, d, q in zip(a, b, converged, full, det, ratio)]
-                print(f"{name} extent {extent:g} N={depth}: full rank {k}/{n} ({summary['wall_time']:.1f} s)", flush=True)
+                print(f"{name} extent {extent:g} N={depth}: full rank {k}/{n} "
+                      f"({summary['wall_time']:.1f} s)", flush=True)
     book.table(rows)
     book.table(grid_rows, "points.csv")        # every grid point's limit, for other plots
     book.say("Area fraction of the grid flowing to a full-rank minimiser (σ2/σ1 ≥ 1e-2 once E < 1e-10; ± se): "

@@ -19,7 +19,7 @@ and for equal widths d the fibre inside M_G is an orbit of O(d)^{N−1}, of dime
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -84,7 +84,8 @@ def exactly_balanced(widths: Sequence[int], rank: int, gen: torch.Generator) -> 
 
 
 def sample_point(widths: Sequence[int], rank: int, imbalanced: bool, gen: torch.Generator) -> torch.Tensor:
-    """A point of some M_G whose product has rank `rank`. G = 0: a balanced point with rank-r product (`exactly_balanced`). G ≠ 0: Gaussian factors with W_1 = A B of rank r (a random G; the
+    """A point of some M_G whose product has rank `rank`. G = 0: a balanced point with rank-r product
+    (`exactly_balanced`). G ≠ 0: Gaussian factors with W_1 = A B of rank r (a random G; the
     product then has rank r almost surely, r ≤ min widths)."""
     if not imbalanced:
         factors = exactly_balanced(widths, rank, gen)
@@ -141,7 +142,8 @@ def measure(book: Notebook) -> None:
              formula_agrees=agree)
     book.say(f"At G = 0 the Zariski tangent space is larger than at full rank (M_0 singular) at "
              f"{len(zero_sing)} of {sum(1 for r in rows if r['G'] == 'zero')} (widths, r) cells "
-             f"({', '.join(f'{w} r={k}' for w, k in zero_sing) or 'none'}); at a random G ≠ 0 (Gaussian factors, W_1 of rank r) "
+             f"({', '.join(f'{w} r={k}' for w, k in zero_sing) or 'none'}); "
+             f"at a random G ≠ 0 (Gaussian factors, W_1 of rank r) "
              f"at {len(nonzero_sing)} cells ({', '.join(f'{w} r={k}' for w, k in nonzero_sing) or 'none'}).",
              singular_zero=zero_sing, singular_nonzero=nonzero_sing)
 

@@ -94,7 +94,8 @@ def measure(book: Notebook) -> None:
     table = counts(book)
     book.table(table)
     beyond = [r for r in table if r["lie_algebra_count"] != r["jacobian_count"]]
-    book.say(f"For {len(table)} widths (D = {min(r['parameters'] for r in table)}…{max(r['parameters'] for r in table)} "
+    sizes = [r['parameters'] for r in table]
+    book.say(f"For {len(table)} widths (D = {min(sizes)}…{max(sizes)} "
              "parameters) the Lie-algebra count D − dim 𝔏 equals the Jacobian count of the G_p entries"
              + ("" if not beyond else " except at " + ", ".join(
                  f"{r['widths']} ({r['lie_algebra_count']} laws against {r['jacobian_count']}"

@@ -118,11 +118,13 @@ def measure(book: Notebook) -> None:
                 fits.append({"task": task_name, "depth": depth, "mode": k, "target": target,
                              "law": "t vs ln(1/scale)" if depth == 2 else "log t vs log scale",
                              "fitted": fit["slope"], "low": fit["low"], "high": fit["high"], "theory": theory})
-                print(f"{task_name} N={depth} mode {k}: fitted {interval(fit, 3)}, theory {theory:.3f} ({fits[-1]['law']})")
+                print(f"{task_name} N={depth} mode {k}: fitted {interval(fit, 3)}, "
+                      f"theory {theory:.3f} ({fits[-1]['law']})")
     book.table(rows)
     book.table(fits, "fits.csv")
     for task_name in tasks(quick):
-        parts = [f"N={f['depth']} mode {f['mode']}: {f['fitted']:.3f} [{f['low']:.3f}, {f['high']:.3f}] vs {f['theory']:.3f}"
+        parts = [f"N={f['depth']} mode {f['mode']}: {f['fitted']:.3f} [{f['low']:.3f}, {f['high']:.3f}] "
+                 f"vs {f['theory']:.3f}"
                  for f in fits if f["task"] == task_name]
         book.say(f"{task_name}: fitted slopes (t against ln(1/scale) at N = 2, log t against log scale at N ≥ 3; "
                  f"95 %) against the theory: " + "; ".join(parts) + ".")

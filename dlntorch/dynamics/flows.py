@@ -13,8 +13,9 @@ gradient, e.g. mask ∘ (W − Y) for E = ½‖mask ∘ (W − Y)‖².
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -80,7 +81,7 @@ def _solve(rhs: _Counted, state, times: Tensor, method: str, rtol: float, atol: 
     methods run interval by interval with uniform steps of at most step_size (one step per
     interval if None), so every requested time is a step end and never an interpolation.
     """
-    from torchdiffeq import odeint   # imported only when a flow runs
+    from torchdiffeq import odeint  # imported only when a flow runs
     if method in ADAPTIVE:
         return odeint(rhs, state, times, method=method, rtol=rtol, atol=atol,
                       options=dict(norm=_replica_norm, first_step=first_step))

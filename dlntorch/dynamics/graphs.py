@@ -4,7 +4,7 @@ the eager path, which runs the same kernels."""
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -13,11 +13,12 @@ from torch import Tensor
 class CapturedSteps:
     """`steps` eager steps captured as one CUDA graph under `key` (the hyper-parameters baked in)."""
 
-    def __init__(self, key: Hashable, graph: "torch.cuda.CUDAGraph", steps: int):
+    def __init__(self, key: Hashable, graph: torch.cuda.CUDAGraph, steps: int):
         self.key, self.graph, self.steps = key, graph, steps
 
     @classmethod
-    def capture(cls, key: Hashable, state: list[Tensor], run: Callable[[int], None], steps: int) -> "CapturedSteps | None":
+    def capture(cls, key: Hashable, state: list[Tensor], run: Callable[[int], None],
+                steps: int) -> CapturedSteps | None:
         """Capture `run(steps)`, which updates `state` in place; `state` is left as it was. None
         (with a warning) if the capture fails."""
         snapshot = [s.clone() for s in state]
@@ -32,7 +33,7 @@ class CapturedSteps:
                 run(steps)
             return cls(key, graph, steps)
         except Exception as error:  # noqa: BLE001 — any capture failure: the eager path
-            warnings.warn(f"CUDA graph capture failed ({error}); running eagerly", RuntimeWarning)
+            warnings.warn(f"CUDA graph capture failed ({error}); running eagerly", RuntimeWarning, stacklevel=2)
             return None
         finally:
             for s, saved in zip(state, snapshot):  # undo the warm-up
