@@ -1,0 +1,119 @@
+"""The free-energy flow (problem 3): the downstairs Riemannian gradient flow of F_β = E − S_N/β.
+
+    dW/dt = −A_N(∇F_β(W)),   ∇F_β = ∇E − ∇S_N/β,
+
+for square full-rank W, an exact ODE integrated like `optim=downstairs` (same solvers, same
+time grid t = lr·step). Its fixed points are the critical points of F_β (A_N is positive
+definite at full rank), and from a generic start it descends to a local minimiser of F_β: where
+the Langevin ensemble of problem 3 concentrates as it cools (β → ∞ gives the downstairs flow of E).
+
+The entropy's gradient is in closed form from the singular values. S_N depends on W only through
+s (S_N = (N−1) log c_d + ½ Σ_{i<j} log f_N(s_i, s_j), dlntorch.geometry.entropy), so for
+W = U diag(s) V^T
+
+    ∇S_N(W) = U diag(∂S_N/∂s) V^T,   ∂S_N/∂s_i = ½ Σ_{j≠i} ∂_1 log f_N(s_i, s_j),
+
+with the scalar derivatives ∂_1 log f_N taken by autograd of geometry.f_N in its arguments (its
+series branch near s_i = s_j keeps them accurate; no autograd through the SVD, which is ill-posed
+at repeated singular values). Depths:
+
+- N = 1: S_1 = 0 (one factor, a one-point fibre), so the flow is the gradient flow of E.
+- N = inf: S_N = (N−1) log c_d + (d(d−1)/4) log N + ½ Σ log (f_N/N) and f_N/N → f_∞, so S_N
+  grows like N log c_d through a constant only; its W-dependent part S̃_∞ = ½ Σ_{i<j} log f_∞(s_i, s_j)
+  has a limit. The flow at N = inf is dW/dτ = −A_∞(∇E − ∇S̃_∞/β) in τ = N t (A_N grows like N),
+  the limit of the finite-N flows in that clock at fixed β.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import fail, one_of, parse_depth, positive_finite, resolve_depth
+from ..geometry import Depth, as_depth, f_inf, f_N, is_infinite_depth
+from ..network import DeepLinearNetwork
+from ..optim import OPTIMISERS
+from ..tasks import Task, task_shape
+from .flows import DownstairsFlow, _check_solver, _not_an_optimizer
+
+
+def entropy_singular_gradient(s: Tensor, N: Depth) -> Tensor:
+    """∂S_N/∂s_i = ½ Σ_{j≠i} ∂_1 log f_N(s_i, s_j) for singular values s (B, d) > 0; shape (B, d).
+
+    N = math.inf: the derivative of S̃_∞ = ½ Σ_{i<j} log f_∞(s_i, s_j) (the W-dependent part of S_N
+    as N → ∞; see the module docstring). N = 1: zeros (S_1 = 0).
+    """
+    d = s.shape[-1]
+    if d == 1 or (not is_infinite_depth(N) and as_depth(N) == 1):
+        return torch.zeros_like(s)
+    pair = f_inf if is_infinite_depth(N) else (lambda x, y: f_N(x, y, N))
+    with torch.enable_grad():
+        x = s.detach().clone().requires_grad_(True)
+        i, j = torch.triu_indices(d, d, offset=1, device=s.device)
+        half_log = 0.5 * torch.log(pair(x[..., i], x[..., j])).sum()
+        (grad,) = torch.autograd.grad(half_log, x)
+    return grad
+
+
+def entropy_gradient(W: Tensor, N: Depth) -> Tensor:
+    """∇S_N(W) = U diag(∂S_N/∂s) V^T for square full-rank W (B, d, d) (N = inf: ∇S̃_∞)."""
+    U, s, Vh = torch.linalg.svd(W)
+    return U @ (entropy_singular_gradient(s, N).unsqueeze(-1) * Vh)
+
+
+def free_energy_gradient(W: Tensor, energy_gradient: Tensor, beta: float, N: Depth) -> Tensor:
+    """∇F_β(W) = ∇E(W) − ∇S_N(W)/β (Euclidean, on the product)."""
+    return energy_gradient - entropy_gradient(W, N) / beta
+
+
+class FreeEnergyFlow(DownstairsFlow):
+    """optim=free_energy: dW/dt = −A_N(∇E − ∇S_N/β) on the product, N = optim.depth (an int or
+    inf; default the model's depth); at N = inf in τ = N t (optim.time_scale as for downstairs)."""
+
+    def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task):
+        super().__init__(cfg, net, task)
+        self._beta = float(cfg.optim.beta)
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    def gradient(self, W: Tensor) -> Tensor:
+        # frozen (diverged) replicas sit at W = 0, where the SVD is fine and the velocity zeroed
+        live = torch.where(self.dead.view(-1, 1, 1), torch.eye(W.shape[-1], dtype=W.dtype, device=W.device), W)
+        grad = free_energy_gradient(live, self.task.gradient(live), self._beta, self.N)
+        return torch.where(self.dead.view(-1, 1, 1), 0.0, grad)
+
+
+@dataclass
+class FreeEnergyConfig:
+    """optim=free_energy. lr only sets the time grid t = lr·step shared with the other dynamics."""
+    name: str = "free_energy"
+    lr: float = 0.05
+    beta: float = 10.0                  # inverse temperature of F_β = E − S_N/β
+    method: str = "dopri5"
+    rtol: float = 1e-10
+    atol: float = 1e-12
+    depth: Optional[str] = None         # N as an int or "inf"; None = model depth
+    time_scale: str = "auto"            # raw (t) | per_depth (τ = N t) | auto (per_depth at N = inf)
+
+
+def _check_free_energy(cfg: Any) -> None:
+    _check_solver(cfg)
+    optim = cfg.optim
+    positive_finite("optim.beta", optim.beta)
+    one_of("optim.time_scale", optim.time_scale, ("auto", "raw", "per_depth"))
+    N = resolve_depth(cfg.model) if optim.depth is None else parse_depth(optim.depth)
+    if N == math.inf and optim.time_scale == "raw":
+        fail("optim.time_scale", optim.time_scale,
+             "optim.depth=inf needs per_depth (rescaled time τ = N t; A_N grows like N)")
+    m, n = task_shape(cfg.task)
+    if m != n:
+        fail("optim.name", optim.name, f"the entropy S_N is defined for square W, and the task's W is {m}x{n}")
+
+
+OPTIMISERS.register("free_energy", schema=FreeEnergyConfig, check=_check_free_energy,
+                    dynamics=FreeEnergyFlow)(_not_an_optimizer)
