@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ from ..geometry import Depth, as_depth, f_inf, f_N, is_infinite_depth
 from ..network import DeepLinearNetwork
 from ..optim import OPTIMISERS
 from ..tasks import Task, task_shape
-from .flows import DownstairsFlow, _check_solver, _not_an_optimizer
+from .flows import DownstairsFlow, _check_solver, _Counted, _not_an_optimizer, _solve, _time_grid
 
 
 def entropy_singular_gradient(s: Tensor, N: Depth) -> Tensor:
@@ -69,6 +69,36 @@ def free_energy_gradient(W: Tensor, energy_gradient: Tensor, beta: float, N: Dep
     return energy_gradient - entropy_gradient(W, N) / beta
 
 
+def free_energy_velocity(W: Tensor, energy_gradient: Tensor, beta: float, N: Depth) -> Tensor:
+    """−A_N(∇F_β(W)) with one SVD: in W's frame U^T A_N(Z) V = f_N(s_i, s_j) ∘ U^T Z V and
+    U^T ∇S_N V = diag(∂S_N/∂s), so −A_N(∇F_β) = −U (f_N(s_i, s_j) ∘ (U^T ∇E V − diag(∂S_N/∂s)/β)) V^T.
+    N = inf: −A_∞(∇E − ∇S̃_∞/β), the velocity in τ = N t."""
+    U, s, Vh = torch.linalg.svd(W)
+    weights = (f_inf if is_infinite_depth(N) else (lambda x, y: f_N(x, y, N)))(s[..., :, None], s[..., None, :])
+    inner = U.mT @ energy_gradient @ Vh.mT - torch.diag_embed(entropy_singular_gradient(s, N)) / beta
+    return -U @ (weights * inner) @ Vh
+
+
+def integrate_free_energy(W0: Tensor, energy_gradient: Callable[[Tensor], Tensor], beta: float, times,
+                          N: Depth, time_scale: str = "raw", method: str = "dopri5", rtol: float = 1e-10,
+                          atol: float = 1e-12, step_size: float | None = None,
+                          first_step: float | None = None, frozen: Tensor | None = None) -> tuple[Tensor, int]:
+    """The free-energy flow from W0 at times[0]: (trajectory (T, B, d, d), ∇E evaluations).
+    time_scale 'raw' (t) or 'per_depth' (τ = N t, required at N = inf); other arguments as in
+    dynamics.flows.integrate_downstairs; `frozen` (B,) replicas get zero velocity."""
+    if time_scale not in ("raw", "per_depth"):
+        raise ValueError(f"time_scale={time_scale!r} must be 'raw' or 'per_depth'")
+    if is_infinite_depth(N) and time_scale == "raw":
+        raise ValueError("depth N=inf needs time_scale='per_depth' (A_N grows like N in raw time)")
+    scale = 1.0 if time_scale == "raw" or is_infinite_depth(N) else 1.0 / as_depth(N)
+    W0 = W0.detach()
+    keep = 1.0 if frozen is None else (~frozen).to(W0.dtype).view(-1, 1, 1)
+    rhs = _Counted(lambda W: keep * scale * free_energy_velocity(W, energy_gradient(W), beta, N))
+    with torch.no_grad():
+        path = _solve(rhs, W0, _time_grid(times, W0), method, rtol, atol, step_size, first_step)
+    return path, rhs.calls
+
+
 class FreeEnergyFlow(DownstairsFlow):
     """optim=free_energy: dW/dt = −A_N(∇E − ∇S_N/β) on the product, N = optim.depth (an int or
     inf; default the model's depth); at N = inf in τ = N t (optim.time_scale as for downstairs)."""
@@ -81,11 +111,15 @@ class FreeEnergyFlow(DownstairsFlow):
     def beta(self) -> float:
         return self._beta
 
-    def gradient(self, W: Tensor) -> Tensor:
-        # frozen (diverged) replicas sit at W = 0, where the SVD is fine and the velocity zeroed
-        live = torch.where(self.dead.view(-1, 1, 1), torch.eye(W.shape[-1], dtype=W.dtype, device=W.device), W)
-        grad = free_energy_gradient(live, self.task.gradient(live), self._beta, self.N)
-        return torch.where(self.dead.view(-1, 1, 1), 0.0, grad)
+    def integrate(self, state, times, options):
+        # frozen (diverged) replicas sit at W = 0, where S_N is −∞: they are integrated from W = I
+        # with zero velocity (so they cannot spoil the error norm) and reported as 0 (NaN upstream)
+        dead = self.dead.view(-1, 1, 1)
+        eye = torch.eye(state[0].shape[-1], dtype=state[0].dtype, device=state[0].device)
+        path, calls = integrate_free_energy(torch.where(dead, eye, state[0]), self.gradient, self._beta, times,
+                                            self.N, time_scale=self.time_scale, frozen=self.dead, **options)
+        self.gradient_evaluations += calls
+        return [(torch.where(dead, 0.0, W),) for W in path[1:]]
 
 
 @dataclass
