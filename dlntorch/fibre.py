@@ -108,8 +108,15 @@ class FibreFrame:
 
 
 def fibre_frame(factors: Sequence[Tensor], rtol: float = RTOL) -> FibreFrame:
-    """One batched SVD of τ_𝐖 (see the module docstring for the rank rule)."""
-    U, s, Vh = torch.linalg.svd(tangent_matrix(factors), full_matrices=False)
+    """One batched SVD of τ_𝐖 (see the module docstring for the rank rule).
+
+    A replica whose factors are not finite (a move that overflowed: near a rank-deficient product
+    the minimum-norm generator is huge) gets a NaN frame, so its next move is NaN and the run loop
+    counts and freezes it as diverged; LAPACK would otherwise refuse the whole batch."""
+    tau = tangent_matrix(factors)
+    bad = ~torch.isfinite(tau).flatten(1).all(1)
+    U, s, Vh = torch.linalg.svd(torch.where(bad.view(-1, 1, 1), 0.0, tau), full_matrices=False)
+    U = torch.where(bad.view(-1, 1, 1), torch.nan, U)
     mask = s > rtol * s[:, :1]
     return FibreFrame(U=U, s=torch.where(mask, s, torch.zeros_like(s)), V=Vh.mT, mask=mask)
 

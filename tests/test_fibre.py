@@ -107,6 +107,22 @@ def test_kappa_zero_is_tangential_and_kappa_one_is_isotropic():
     torch.testing.assert_close(half, along + 0.5 * (flatten(xi) - along), rtol=0, atol=1e-13)
 
 
+def test_a_non_finite_replica_gets_nan_moves_and_leaves_the_others_alone():
+    """An overflowed replica must not stop the batch (LAPACK refuses non-finite input): its
+    projection and fibre_brownian move are NaN (so the run loop freezes and counts it), and the
+    other replicas get exactly what they get in a batch without it."""
+    F = random_factors([2, 2, 2, 2], B=3, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    xi = [torch.randn(f.shape, generator=gen, dtype=f64) for f in F]
+    broken = [f.clone() for f in F]
+    broken[1][1, 0, 0] = math.inf
+    along, clean = flatten(project(broken, xi)), flatten(project(F, xi))
+    assert bool(torch.isnan(along[1]).all())
+    torch.testing.assert_close(along[[0, 2]], clean[[0, 2]], rtol=0, atol=1e-14)
+    moved = flatten(fibre_brownian_step(broken, xi, 0.1))
+    assert bool(torch.isnan(moved[1]).any()) and bool(torch.isfinite(moved[[0, 2]]).all())
+
+
 def second_derivative_of_product(factors, e):
     """D²φ(e, e) by nested forward-mode derivatives (independent of any formula)."""
     def phi(*fs):
