@@ -235,10 +235,9 @@ def figure(book: Notebook, rows, law, grid) -> None:
     beta, N, y = SCALAR["beta"], SCALAR["depth"], SCALAR["target"]
     w = np.linspace(finite[0], finite[-1], 2001)
     w = w[np.abs(w) > 1e-3]
-    Z = scalar_probabilities(np.array([-np.inf, np.inf]), beta, N, y)[0]
     # normalising constant of e^{−βE}|w|^{1/N−1}: N ∫ e^{−β(u^N − y)²/2} du (w = u^N, dw = N u^{N−1} du)
     u = np.linspace(-4, 4, 400001)
-    norm = N * np.trapezoid(np.exp(-beta * (u ** N - y) ** 2 / 2), u) * Z
+    norm = N * np.trapezoid(np.exp(-beta * (u ** N - y) ** 2 / 2), u)
     ax.plot(w, np.exp(-beta * (w - y) ** 2 / 2) * np.abs(w) ** (1 / N - 1) / norm, "k", lw=1.5,
             label="e^{−βE}|w|^{1/N−1}/Z")
     ax.set(xlabel="product w", ylabel="density", ylim=(0, 2.5),
