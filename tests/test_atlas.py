@@ -210,3 +210,18 @@ def test_p3_free_energy_quick(tmp_path):
     bins = read_table(book.out / "stationary.csv")
     assert sum(int(b["observed"]) for b in bins) == settings["settings"]["scalar"]["replicas"]
     assert sum(float(b["expected"]) for b in bins) == pytest.approx(settings["settings"]["scalar"]["replicas"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_p5_low_rank_noise_quick(tmp_path):
+    """Each row's hit count is the number of replicas whose running minimum of σ_min crossed the
+    threshold, recomputed here from the run's own trajectory, and lies inside its Wilson interval."""
+    from dlntorch.analysis import load_run
+    from dlntorch.atlas.p5_low_rank_noise import THRESHOLD
+    book = measure("p5_low_rank_noise", tmp_path / "p5", quick=True)
+    settings, rows = check_outputs(book.out, "p5_low_rank_noise", ["model", "N", "beta", "start_sigma_min", "hit",
+                                                                   "fraction", "wilson_low", "wilson_high"])
+    for row, cfg in zip(rows, settings["configs"]):
+        sigma = load_run(cfg["run"]["out_dir"]).trajectory["sigma_min"]
+        assert int(row["hit"]) == int((np.nanmin(sigma, axis=0) < THRESHOLD).sum())
+        assert float(row["wilson_low"]) <= float(row["fraction"]) <= float(row["wilson_high"])

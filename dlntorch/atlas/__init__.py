@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .common import Notebook, run_instrument
 
-INSTRUMENTS = ("p1_low_rank", "p2_full_rank", "p3_free_energy", "p6_singular_varieties", "p7_balance", "p8_conservation",
+INSTRUMENTS = ("p1_low_rank", "p2_full_rank", "p3_free_energy", "p5_low_rank_noise", "p6_singular_varieties", "p7_balance", "p8_conservation",
                "p9_rank_jumps")
 
 
