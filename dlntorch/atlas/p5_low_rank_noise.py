@@ -23,7 +23,7 @@ MODELS = {"isotropic": {"noise": "isotropic"}, "tangential κ=0": {"noise": "tan
 
 def plan(quick: bool) -> dict:
     if quick:
-        return dict(betas=[100.0], depths=[3], starts=[0.03], replicas=64, lr=0.01, steps=30)
+        return dict(betas=[5.0], depths=[3], starts=[0.03], replicas=64, lr=0.01, steps=30)
     return dict(betas=[10.0, 100.0, 1000.0], depths=[2, 3, 4], starts=[0.3, 0.1, 0.03], replicas=256,
                 lr=0.005, steps=200)
 
