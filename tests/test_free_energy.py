@@ -152,3 +152,16 @@ def test_non_square_is_refused():
     cfg["task"] = {"name": "completion", "shape": [2, 3], "observations": 4, "rank": 1}
     with pytest.raises(ConfigError, match="square"):
         validate(as_config(cfg))
+
+
+def test_composes_from_its_yaml_and_refuses_foreign_keys(make_cfg):
+    """optim=free_energy from the command line: its yaml's keys with their defaults, typed by its
+    own schema (a key of another optimiser is refused at composition), and a run from it."""
+    from dlntorch.train import run
+    cfg = make_cfg("optim=free_energy", "optim.beta=3", "task=completion", "task.size=2", "task.observations=4",
+                   "task.spectrum=[2,0.5]", "replicas=2", "run.steps=4", "run.stop_energy=0")
+    assert cfg.optim.name == "free_energy" and cfg.optim.beta == 3.0 and cfg.optim.method == "dopri5"
+    summary = run(cfg)
+    assert summary["status"] == "completed" and all(math.isfinite(x) for x in summary["final"]["free_energy"])
+    with pytest.raises(Exception, match="noise"):
+        make_cfg("optim=free_energy", "optim.noise=isotropic")
