@@ -48,9 +48,9 @@ def flow_config(task: dict, init: dict, N, beta: float, replicas: int, horizon: 
 def spectral_minimiser(beta: float, N) -> np.ndarray:
     """argmin_s ½Σ(s_i − t_i)² − S_N(s)/β by LBFGS over log s (s > 0), float64; N = inf: S̃_∞."""
     import torch
-    from ..geometry import f_inf, f_N
+    from ..dynamics.free_energy import pair_function
     t = torch.tensor(TARGET, dtype=torch.float64)
-    pair = f_inf if N == "inf" else (lambda x, y: f_N(x, y, int(N)))
+    pair = pair_function(math.inf if N == "inf" else int(N))
     z = t.log().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([z], lr=1, max_iter=400, tolerance_grad=1e-14, tolerance_change=1e-16,
                             line_search_fn="strong_wolfe")

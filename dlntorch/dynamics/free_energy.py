@@ -40,6 +40,11 @@ from ..tasks import Task, task_shape
 from .flows import DownstairsFlow, _check_solver, _Counted, _not_an_optimizer, _solve, _time_grid
 
 
+def pair_function(N: Depth) -> Callable[[Tensor, Tensor], Tensor]:
+    """(x, y) ↦ f_N(x, y), or f_∞ = lim f_N/N at N = inf (the pair weight of A_N and of S_N)."""
+    return f_inf if is_infinite_depth(N) else (lambda x, y: f_N(x, y, N))
+
+
 def entropy_singular_gradient(s: Tensor, N: Depth) -> Tensor:
     """∂S_N/∂s_i = ½ Σ_{j≠i} ∂_1 log f_N(s_i, s_j) for singular values s (B, d) > 0; shape (B, d).
 
@@ -49,7 +54,7 @@ def entropy_singular_gradient(s: Tensor, N: Depth) -> Tensor:
     d = s.shape[-1]
     if d == 1 or (not is_infinite_depth(N) and as_depth(N) == 1):
         return torch.zeros_like(s)
-    pair = f_inf if is_infinite_depth(N) else (lambda x, y: f_N(x, y, N))
+    pair = pair_function(N)
     with torch.enable_grad():
         x = s.detach().clone().requires_grad_(True)
         i, j = torch.triu_indices(d, d, offset=1, device=s.device)
@@ -74,7 +79,7 @@ def free_energy_velocity(W: Tensor, energy_gradient: Tensor, beta: float, N: Dep
     U^T ∇S_N V = diag(∂S_N/∂s), so −A_N(∇F_β) = −U (f_N(s_i, s_j) ∘ (U^T ∇E V − diag(∂S_N/∂s)/β)) V^T.
     N = inf: −A_∞(∇E − ∇S̃_∞/β), the velocity in τ = N t."""
     U, s, Vh = torch.linalg.svd(W)
-    weights = (f_inf if is_infinite_depth(N) else (lambda x, y: f_N(x, y, N)))(s[..., :, None], s[..., None, :])
+    weights = pair_function(N)(s[..., :, None], s[..., None, :])
     inner = U.mT @ energy_gradient @ Vh.mT - torch.diag_embed(entropy_singular_gradient(s, N)) / beta
     return -U @ (weights * inner) @ Vh
 
