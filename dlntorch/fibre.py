@@ -11,7 +11,10 @@ products is τ*(η)_p = η_p W_p^T − W_{p+1}^T η_{p+1} (p = 1 … N−1).
 
 `fibre_frame` builds τ as a matrix (B, D, K), D = Σ d_p d_{p−1} factor entries, K = Σ d_p² generator
 entries, and factors it by one batched SVD. The orthogonal projection P_𝐖 onto T_𝐖 and the
-minimum-norm generator A with τ(A) = P_𝐖 ξ both come from it. The rule where A ↦ τ(A) is not
+minimum-norm generator A with τ(A) = P_𝐖 ξ both come from it. The noise models call
+`minimum_norm_generator` instead, which gets the same A from a batched Cholesky solve of the normal
+equations wherever τ is injective and well conditioned (4x faster than the SVD at 2x2, depth 3) and
+from the SVD elsewhere. The rule where A ↦ τ(A) is not
 injective (hidden layers wider than their neighbours, low rank): singular values of τ below
 `rtol` × the largest count as zero, so P_𝐖 projects onto the numerical range of τ and A is the
 least-squares solution of minimum norm (the pseudo-inverse).
@@ -108,8 +111,15 @@ class FibreFrame:
 
 
 def fibre_frame(factors: Sequence[Tensor], rtol: float = RTOL) -> FibreFrame:
-    """One batched SVD of τ_𝐖 (see the module docstring for the rank rule)."""
-    U, s, Vh = torch.linalg.svd(tangent_matrix(factors), full_matrices=False)
+    """One batched SVD of τ_𝐖 (see the module docstring for the rank rule).
+
+    A replica whose factors are not finite (a move that overflowed: near a rank-deficient product
+    the minimum-norm generator is huge) gets a NaN frame, so its next move is NaN and the run loop
+    counts and freezes it as diverged; LAPACK would otherwise refuse the whole batch."""
+    tau = tangent_matrix(factors)
+    bad = ~torch.isfinite(tau).flatten(1).all(1)
+    U, s, Vh = torch.linalg.svd(torch.where(bad.view(-1, 1, 1), 0.0, tau), full_matrices=False)
+    U = torch.where(bad.view(-1, 1, 1), torch.nan, U)
     mask = s > rtol * s[:, :1]
     return FibreFrame(U=U, s=torch.where(mask, s, torch.zeros_like(s)), V=Vh.mT, mask=mask)
 
@@ -121,16 +131,51 @@ def generators_from_flat(flat: Tensor, factors: Sequence[Tensor]) -> list[Tensor
     return [piece.reshape(B, d, d) for piece, d in zip(flat.split([d * d for d in sizes], dim=1), sizes)]
 
 
+# Below this ratio of Cholesky pivots of τ^T τ (≈ 1/cond τ) the normal equations lose more than
+# ~1e-8 relative accuracy (eps · cond²) before refinement: such replicas take the SVD.
+PIVOT_RATIO = 1e-4
+
+
+def minimum_norm_generator(factors: Sequence[Tensor], flat: Tensor, rtol: float = RTOL) -> Tensor:
+    """The minimum-norm A (B, K) with τ(A) = P_𝐖 x, for x (B, D) — what `FibreFrame.generator` gives,
+    at a fraction of the cost where τ is injective and well conditioned (full rank, square layers):
+    there A solves the normal equations τ^T τ A = τ^T x by a batched Cholesky factorisation, with one
+    step of iterative refinement. Replicas where the factorisation fails or its pivots spread by more
+    than 1/PIVOT_RATIO (τ not injective, or near a rank drop) take the SVD of `fibre_frame` and its
+    rank rule; so do non-finite ones (NaN out)."""
+    tau = tangent_matrix(factors)
+    finite = torch.isfinite(tau).flatten(1).all(1)
+    safe = torch.where(finite.view(-1, 1, 1), tau, 0.0)
+    L, info = torch.linalg.cholesky_ex(safe.mT @ safe)
+    pivots = torch.diagonal(L, dim1=-2, dim2=-1)
+    good = finite & (info == 0) & (pivots.min(-1).values > PIVOT_RATIO * pivots.max(-1).values)
+    x = torch.where(finite.view(-1, 1), flat, 0.0).unsqueeze(-1)
+    A = torch.cholesky_solve(safe.mT @ x, L)
+    A = A + torch.cholesky_solve(safe.mT @ (x - safe @ A), L)       # refinement: error eps·cond, not eps·cond²
+    A = A.squeeze(-1)
+    if not bool(good.all()):
+        rest = (~good).nonzero().squeeze(1)
+        frame = fibre_frame([f[rest] for f in factors], rtol)
+        A = A.index_put((rest,), frame.generator(flat[rest]))
+    return A
+
+
+def _tangent_of(factors: Sequence[Tensor], A: Tensor) -> Tensor:
+    """τ_𝐖(A) flattened, for generators A (B, K)."""
+    return flatten(tangent(factors, generators_from_flat(A, factors)))
+
+
 def project(factors: Sequence[Tensor], xi: Sequence[Tensor], rtol: float = RTOL) -> list[Tensor]:
-    """P_𝐖 ξ, the orthogonal projection of ξ = (ξ_p) onto the fibre's tangent space."""
-    return unflatten(fibre_frame(factors, rtol).project(flatten(xi)), factors)
+    """P_𝐖 ξ, the orthogonal projection of ξ = (ξ_p) onto the fibre's tangent space: τ(A) for the
+    minimum-norm generator A of P_𝐖 ξ."""
+    return unflatten(_tangent_of(factors, minimum_norm_generator(factors, flatten(xi), rtol)), factors)
 
 
 def tangential_part(factors: Sequence[Tensor], xi: Sequence[Tensor], kappa: float = 0.0,
                     rtol: float = RTOL) -> list[Tensor]:
     """P_𝐖 ξ + √κ (ξ − P_𝐖 ξ): the noise direction of the `tangential` model (κ = 1: ξ itself)."""
     flat = flatten(xi)
-    along = fibre_frame(factors, rtol).project(flat)
+    along = _tangent_of(factors, minimum_norm_generator(factors, flat, rtol))
     return unflatten(along + kappa ** 0.5 * (flat - along), factors)
 
 
@@ -146,7 +191,7 @@ def fibre_brownian_step(factors: Sequence[Tensor], xi: Sequence[Tensor], scale: 
     Taking A at 𝐖 alone would converge to another diffusion (the random walk of the group,
     `gl_walk`-like). Every move is a group action, so the product never changes (to rounding)."""
     def generator_at(point: Sequence[Tensor]) -> list[Tensor]:
-        flat = fibre_frame(point, rtol).generator(flatten(xi))
+        flat = minimum_norm_generator(point, flatten(xi), rtol)
         return generators_from_flat(scale * flat, point)
 
     half = [0.5 * a for a in generator_at(factors)]

@@ -23,6 +23,10 @@ Sections (CPU unless said):
      (dlntorch.solvers) against one shared step (torchdiffeq, dlntorch.dynamics.flows), against the most
      any of 32 replicas needs alone, and each replica's error against a tight reference;
      torchode (per-instance steps, dense output) alongside when it is installed.
+  6  noise models (dlntorch.noise) on the seed 2x2 task, depth 3, B = 4096, one Langevin step outside
+     the run loop: seconds per replica-step of each model and its ratio to isotropic (target ≤ 10x),
+     and the share of a step spent in the fibre's projection solve, against the SVD it replaces
+     (`--sections 6`).
 
     python scripts/bench.py --quick                  # smoke run, well under a minute
     python scripts/bench.py --json outputs/bench.json  # the full table (a few minutes on 2 cores)
@@ -51,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="section 4 runs on CUDA when this is cuda or auto and CUDA is present")
-    ap.add_argument("--sections", default="1,2,3,4,5", help="comma-separated subset of 1,2,3,4,5")
+    ap.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated subset of 1,2,3,4,5,6")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; quick 3)")
     ap.add_argument("--memory-budget-gb", type=float, default=8.0, help="CPU memory budget for 'largest B'")
     ap.add_argument("--peak-bandwidth", type=float, default=4.3e12, help="the card's memory bandwidth, B/s")
@@ -642,6 +646,84 @@ def section_flows(quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------ main
 
+# ------------------------------------------------------------------------------ section 5
+
+class NoiseStepper:
+    """B replicas of the seed 2x2 task, depth 3, one Langevin step (drift + a registered noise
+    term) per call, outside the run loop: the cost of the noise models themselves. Starts at a
+    balanced Gaussian point of product scale 1 (full rank: fibre_brownian needs it)."""
+
+    def __init__(self, noise: str, B: int, kappa=None, lr: float = 0.001, beta: float = 1e3):
+        from dlntorch.geometry import balanced_factors
+        from dlntorch.noise import noise_term
+        from dlntorch.tasks import Seed2x2
+        gen = torch.Generator().manual_seed(0)
+        W = torch.randn(B, 2, 2, generator=gen, dtype=torch.float64)
+        self.start = balanced_factors(W, [2, 2, 2, 2], generator=gen)
+        self.task, self.term, self.lr, self.beta = Seed2x2(), noise_term(noise, kappa), lr, beta
+        self.reset()
+
+    def reset(self) -> None:
+        self.factors = [f.clone() for f in self.start]
+        self.generator = torch.Generator().manual_seed(1)
+
+    def run(self, n: int) -> None:
+        from dlntorch.network import chain, factor_gradients
+        from dlntorch.optim import langevin_update_
+        with torch.no_grad():
+            for _ in range(n):
+                grads = factor_gradients(self.factors, self.task.gradient(chain(self.factors)))
+                langevin_update_(self.factors, grads, self.lr, self.beta, 0.0, self.term, self.generator)
+
+
+class ProjectionOnly(NoiseStepper):
+    """The projection solve alone, per step: the minimum-norm generator of P_𝐖 x (the batched
+    Cholesky of τ^T τ with its refinement, dlntorch.fibre.minimum_norm_generator), as the
+    tangential step does it once and the fibre_brownian step twice."""
+
+    def run(self, n: int) -> None:
+        from dlntorch.fibre import flatten, minimum_norm_generator
+        x = flatten(self.factors)
+        for _ in range(n):
+            minimum_norm_generator(self.factors, x)
+
+
+class SvdOnly(NoiseStepper):
+    """The batched SVD of τ (dlntorch.fibre.fibre_frame) alone: the fallback the solve avoids."""
+
+    def run(self, n: int) -> None:
+        from dlntorch.fibre import fibre_frame
+        for _ in range(n):
+            fibre_frame(self.factors)
+
+
+def section_noise(repeats: int, chunk_s: float, quick: bool) -> dict:
+    """Cost per replica-step of each noise model against isotropic at B = 4096 (seed 2x2, depth 3),
+    and the fraction of a step spent in the projection solve (tangential: one; fibre_brownian: two)."""
+    B = 4096
+    models = {"isotropic": ("isotropic", None), "gl_walk": ("gl_walk", None),
+              "tangential κ=0": ("tangential", 0.0), "tangential κ=0.5": ("tangential", 0.5),
+              "fibre_brownian": ("fibre_brownian", None)}
+    runners = {name: NoiseStepper(noise, B, kappa) for name, (noise, kappa) in models.items()}
+    runners["projection solve"] = ProjectionOnly("isotropic", B)
+    runners["tangent-map SVD"] = SvdOnly("isotropic", B)
+    result = race(runners, torch.device("cpu"), repeats, chunk_s)
+    base = result["isotropic"]["min"]
+    for name in models:
+        ratio = result[name]["min"] / base
+        row("6 noise", f"{name}: s per replica-step (B={B}, seed 2x2, depth 3)", result[name]["min"] / B, "s")
+        if name != "isotropic":
+            row("6 noise", f"{name} / isotropic, per step", ratio, "x", "≤ 10x", ratio <= 10)
+    solve = result["projection solve"]["min"]
+    row("6 noise", "projection solve share of a tangential κ=0 step",
+        100 * solve / result["tangential κ=0"]["min"], "%")
+    row("6 noise", "projection solve share of a fibre_brownian step (two solves)",
+        100 * 2 * solve / result["fibre_brownian"]["min"], "%")
+    row("6 noise", "SVD of τ (the fallback) / the Cholesky projection solve",
+        result["tangent-map SVD"]["min"] / solve, "x")
+    return {name: {k: v for k, v in r.items() if k != "all"} for name, r in result.items()}
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -679,6 +761,8 @@ def main() -> int:
         details["cuda"] = section_cuda(repeats, chunk_s, quick)
     if "5" in sections:
         details["flows"] = section_flows(quick)
+    if "6" in sections:
+        details["noise"] = section_noise(repeats, chunk_s, quick)
     wall = time.perf_counter() - started
     print()
     print_table(ROWS)

@@ -171,3 +171,59 @@ def test_p2_full_rank_quick(tmp_path):
     diagonal = [p for p in points if p["slice"] == "diagonal"]
     assert diagonal and all((p["full_rank"] == "True") == (float(p["a"]) * float(p["b"]) > 0) for p in diagonal)
     assert all(float(r["fraction"]) == 0.5 for r in rows if r["slice"] == "diagonal")
+
+
+@pytest.mark.slow
+def test_p7_balance_quick(tmp_path):
+    """Every start × model × step size is a row; the h → 0 rows' rates are the weighted linear fit's
+    intercept through the three per-h rates (recomputed here with numpy's polyfit as reference);
+    from M_0 (G = 0) no model can lower ‖G‖², so its initial rates are ≥ 0 beyond their error."""
+    book = measure("p7_balance", tmp_path / "p7", quick=True)
+    _, rows = check_outputs(book.out, "p7_balance", ["start", "model", "h", "rate_G2", "rate_G2_se", "G2_T", "gap_T"])
+    from dlntorch.atlas.p7_balance import MODELS, STARTS
+    assert len(rows) == len(STARTS) * len(MODELS) * 4
+    for start in STARTS:
+        for model in MODELS:
+            mine = [r for r in rows if r["start"] == start and r["model"] == model]
+            steps = [r for r in mine if float(r["h"]) > 0]
+            h = np.array([float(r["h"]) for r in steps])
+            y = np.array([float(r["rate_G2"]) for r in steps])
+            w = 1 / np.array([float(r["rate_G2_se"]) for r in steps])     # polyfit weights 1/σ
+            intercept = np.polyfit(h, y, 1, w=w)[1]
+            limit = next(r for r in mine if float(r["h"]) == 0)
+            assert float(limit["rate_G2"]) == pytest.approx(intercept, rel=1e-9, abs=1e-12)
+            if start == "M_0":
+                assert float(steps[0]["G2_0"]) < 1e-20
+                assert all(float(r["rate_G2"]) + 4 * float(r["rate_G2_se"]) > 0 for r in steps)
+
+
+@pytest.mark.slow
+def test_p3_free_energy_quick(tmp_path):
+    """The flow's argmin F_β for the spectral energy equals the direct minimisation over s (to the
+    flow's convergence at τ = 20: its rate is O(1) in τ), and the χ² row counts add up."""
+    book = measure("p3_free_energy", tmp_path / "p3", quick=True)
+    settings, rows = check_outputs(book.out, "p3_free_energy", ["task", "N", "inverse_beta", "s1", "s2", "det"])
+    spectral = [r for r in rows if r["task"] == "spectral"]
+    assert spectral and all(float(r["s_error"]) < 1e-5 for r in spectral)
+    assert all(abs(float(r["s1"]) * float(r["s2"]) - float(r["det"])) < 1e-8 for r in spectral)   # det > 0 start
+    bins = read_table(book.out / "stationary.csv")
+    assert sum(int(b["observed"]) for b in bins) == settings["settings"]["scalar"]["replicas"]
+    replicas = settings["settings"]["scalar"]["replicas"]
+    assert sum(float(b["expected"]) for b in bins) == pytest.approx(replicas, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_p5_low_rank_noise_quick(tmp_path):
+    """Each row's hit count is the number of replicas whose running minimum of σ_min crossed the
+    threshold, recomputed here from the run's own trajectory, and lies inside its Wilson interval."""
+    from dlntorch.analysis import load_run
+    from dlntorch.atlas.p5_low_rank_noise import THRESHOLD
+    book = measure("p5_low_rank_noise", tmp_path / "p5", quick=True)
+    settings, rows = check_outputs(book.out, "p5_low_rank_noise", ["model", "N", "beta", "start_sigma_min", "hit",
+                                                                   "fraction", "wilson_low", "wilson_high"])
+    for row, cfg in zip(rows, settings["configs"]):
+        sigma = load_run(cfg["run"]["out_dir"]).trajectory["sigma_min"]
+        assert int(row["hit"]) == int((np.nanmin(sigma, axis=0) < THRESHOLD).sum())
+        # 1e-12: the Wilson formula's rounding at 0 successes (centre − half ≈ 3e-18, not 0)
+        assert float(row["wilson_low"]) - 1e-12 <= float(row["fraction"]) <= float(row["wilson_high"])
+    assert any(int(r["hit"]) > 0 for r in rows)      # at β = 5 the noise reaches the singular set

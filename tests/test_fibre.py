@@ -16,6 +16,7 @@ from dlntorch.fibre import (
     fibre_frame,
     flatten,
     generators_from_flat,
+    minimum_norm_generator,
     project,
     tangent,
     tangent_adjoint,
@@ -115,6 +116,40 @@ def test_kappa_zero_is_tangential_and_kappa_one_is_isotropic():
     torch.testing.assert_close(flatten(tangential_part(F, xi, kappa=1.0)), flatten(xi), rtol=0, atol=1e-13)
     half = flatten(tangential_part(F, xi, kappa=0.25))      # P ξ + ½ (ξ − P ξ)
     torch.testing.assert_close(half, along + 0.5 * (flatten(xi) - along), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("widths", WIDTHS + [[1, 3, 1]])
+def test_the_cholesky_generator_is_the_svd_pseudo_inverse_generator(widths):
+    """minimum_norm_generator (normal equations where τ is injective and well conditioned, the SVD
+    elsewhere: [1, 3, 1] has a non-injective τ, [3, 2, 4] a rank-deficient product) against
+    FibreFrame.generator (the SVD pseudo-inverse) on the same x; one replica is made nearly
+    rank-deficient (σ_min of W_1 at 1e-7) so the fallback is taken inside a mixed batch.
+    Tolerance 1e-10: the refined normal-equation solve errs by eps·cond(τ) ≤ 1e-12 · |A| here."""
+    F = random_factors(widths, B=5, seed=11)
+    U, s, Vh = torch.linalg.svd(F[0][2], full_matrices=False)
+    s[-1] = 1e-7 * s[0]
+    F[0][2] = U @ torch.diag(s) @ Vh
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(5, sum(f[0].numel() for f in F), generator=gen, dtype=f64)
+    want = fibre_frame(F).generator(x)
+    got = minimum_norm_generator(F, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * float(want.abs().max()))
+
+
+def test_a_non_finite_replica_gets_nan_moves_and_leaves_the_others_alone():
+    """An overflowed replica must not stop the batch (LAPACK refuses non-finite input): its
+    projection and fibre_brownian move are NaN (so the run loop freezes and counts it), and the
+    other replicas get exactly what they get in a batch without it."""
+    F = random_factors([2, 2, 2, 2], B=3, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    xi = [torch.randn(f.shape, generator=gen, dtype=f64) for f in F]
+    broken = [f.clone() for f in F]
+    broken[1][1, 0, 0] = math.inf
+    along, clean = flatten(project(broken, xi)), flatten(project(F, xi))
+    assert bool(torch.isnan(along[1]).all())
+    torch.testing.assert_close(along[[0, 2]], clean[[0, 2]], rtol=0, atol=1e-14)
+    moved = flatten(fibre_brownian_step(broken, xi, 0.1))
+    assert bool(torch.isnan(moved[1]).any()) and bool(torch.isfinite(moved[[0, 2]]).all())
 
 
 def second_derivative_of_product(factors, e):

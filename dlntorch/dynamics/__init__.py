@@ -5,6 +5,7 @@ step.py     step-based dynamics: a registered update rule per step, the closed-f
 layouts.py  the fast path's layouts (batch, replica-last planes) and their buffers
 graphs.py   CUDA-graph replay of the fast path
 flows.py    the exact flows (optim=flow | downstairs), registered as optimisers
+free_energy.py  the free-energy flow of F_β = E − S_N/β (optim=free_energy)
 """
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from typing import Any
 from ..network import DeepLinearNetwork
 from ..optim import OPTIMISERS
 from ..tasks import Task
-from . import flows  # noqa: F401 — registers optim=flow and optim=downstairs
+from . import (
+    flows,  # noqa: F401 — registers optim=flow and optim=downstairs
+    free_energy,  # noqa: F401 — registers optim=free_energy
+)
 from .base import Dynamics
 from .step import StepDynamics
 
