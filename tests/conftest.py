@@ -25,3 +25,27 @@ def make_cfg(tmp_path):
                                                *overrides])
         return cfg
     return make
+
+
+@pytest.fixture
+def killed_and_resumed(make_cfg, monkeypatch):
+    """killed_and_resumed(*overrides) → (uninterrupted summary, resumed summary): the same run once
+    whole, and once killed past step 250 (after a checkpoint) then resumed with resume=true."""
+    def go(*common: str, after: int = 250):
+        from dlntorch.train import Lab, run
+        whole = run(make_cfg(*common, out="whole"))
+        check = Lab.check
+
+        def crash(self):
+            if self.state.step > after:
+                raise KeyboardInterrupt("killed")
+            return check(self)
+
+        monkeypatch.setattr(Lab, "check", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run(make_cfg(*common, out="split"))
+        monkeypatch.setattr(Lab, "check", check)
+        saved = torch.load(make_cfg(out="split").run.out_dir + "/checkpoint.pt", weights_only=False)
+        assert 0 < saved["step"] <= after + 100       # it really resumes mid-run, from a checkpoint
+        return whole, run(make_cfg(*common, "resume=true", out="split"))
+    return go

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dlntorch.dynamics import StepDynamics
-from dlntorch.train import Lab, run
+from dlntorch.train import Lab
 
 TASKS = {
     "seed2x2": ["task=seed2x2"],
@@ -113,26 +113,11 @@ def test_resume_from_state_dict_is_bit_identical(make_cfg, optim, layout):
     assert second.gradient_evaluations == whole.gradient_evaluations == 300
 
 
-def test_run_resume_through_the_fast_path_is_bit_identical(make_cfg, monkeypatch):
+def test_run_resume_through_the_fast_path_is_bit_identical(killed_and_resumed):
     """The whole run loop with checkpoint.pt: 2x2 at B=600 takes the planes layout. A run killed
     after its checkpoint at step 200 and resumed ends exactly where the uninterrupted run does."""
-    common = ("replicas=600", "run.stop_energy=0", "run.log_points=10", "run.steps=400",
-              "run.checkpoint_every=100", "optim.lr=0.05")
-    whole = run(make_cfg(*common, out="whole"))
-    check = Lab.check
-
-    def crash(self):
-        if self.state.step > 250:
-            raise KeyboardInterrupt("killed")
-        return check(self)
-
-    monkeypatch.setattr(Lab, "check", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(*common, out="split"))
-    monkeypatch.setattr(Lab, "check", check)
-    saved = torch.load(make_cfg(out="split").run.out_dir + "/checkpoint.pt", weights_only=False)
-    assert 0 < saved["step"] < 400          # it really resumes mid-run
-    resumed = run(make_cfg(*common, "resume=true", out="split"))
+    whole, resumed = killed_and_resumed("replicas=600", "run.stop_energy=0", "run.log_points=10", "run.steps=400",
+                                        "run.checkpoint_every=100", "optim.lr=0.05")
     assert resumed["steps"] == whole["steps"] == 400
     assert resumed["final"]["energy"] == whole["final"]["energy"]
     assert resumed["final"]["singular_values"] == whole["final"]["singular_values"]

@@ -112,26 +112,11 @@ def test_resume_across_the_schedule_is_bit_identical(make_cfg, optim):
     assert second.optimizer.param_groups[0]["lr"] == whole.optimizer.param_groups[0]["lr"]
 
 
-def test_a_killed_scheduled_run_resumes_to_the_uninterrupted_result(make_cfg, monkeypatch):
+def test_a_killed_scheduled_run_resumes_to_the_uninterrupted_result(killed_and_resumed):
     """The whole loop, checkpoint.pt included: cosine schedule, minibatches without replacement."""
-    common = (*TASK, "replicas=8", "optim=sgd", "optim.lr=0.02", "optim.batch_size=4", "optim.replacement=false",
-              "optim.schedule=cosine", "run.steps=400", "run.stop_energy=0", "run.log_points=10",
-              "run.checkpoint_every=100")
-    whole = run(make_cfg(*common, out="whole"))
-    check = Lab.check
-
-    def crash(self):
-        if self.state.step > 250:
-            raise KeyboardInterrupt("killed")
-        return check(self)
-
-    monkeypatch.setattr(Lab, "check", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(*common, out="split"))
-    monkeypatch.setattr(Lab, "check", check)
-    saved = torch.load(make_cfg(out="split").run.out_dir + "/checkpoint.pt", weights_only=False)
-    assert 0 < saved["step"] < 400
-    resumed = run(make_cfg(*common, "resume=true", out="split"))
+    whole, resumed = killed_and_resumed(*TASK, "replicas=8", "optim=sgd", "optim.lr=0.02", "optim.batch_size=4",
+                                        "optim.replacement=false", "optim.schedule=cosine", "run.steps=400",
+                                        "run.stop_energy=0", "run.log_points=10", "run.checkpoint_every=100")
     for key in ("steps", "t", "final", "epochs"):
         assert resumed[key] == whole[key], key
     assert whole["t"] == pytest.approx(0.02 * 401 / 2, rel=1e-12)
