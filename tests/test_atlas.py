@@ -171,3 +171,18 @@ def test_p2_full_rank_quick(tmp_path):
     diagonal = [p for p in points if p["slice"] == "diagonal"]
     assert diagonal and all((p["full_rank"] == "True") == (float(p["a"]) * float(p["b"]) > 0) for p in diagonal)
     assert all(float(r["fraction"]) == 0.5 for r in rows if r["slice"] == "diagonal")
+
+
+def test_p4_infinite_depth_quick(tmp_path):
+    book = measure("p4_infinite_depth", tmp_path / "p4", quick=True)
+    _, rows = check_outputs(book.out, "p4_infinite_depth", ["task", "depth", "up_down_max", "trajectory_distance_mean",
+                                                             "limit_distance_mean", "fibre_dimension", "entropy_mean"])
+    # a balanced upstairs flow's product is the g^N flow (Riemannian submersion): the two solvers
+    # (dopri5, rtol 1e-10 on O(1) states, over τ ≤ 30) agree to far better than 1e-7
+    assert all(float(r["up_down_max"]) < 1e-7 for r in rows)
+    # the limits are full rank, so the fibre is a GL(2)^{N−1} orbit, (N − 1)·4-dimensional
+    assert all(int(r["fibre_dimension"]) == 4 * (int(r["depth"]) - 1) for r in rows)
+    # ‖W_N − W_∞‖ = O(1/N): the fitted rate over N = 5, 10, 20 is −1 to within 0.1 (the next
+    # order, O(1/N²), bends it by a few hundredths there) and its interval covers −1
+    fit = next(f for f in read_table(book.out / "fits.csv") if f["distance"] == "trajectory")
+    assert abs(float(fit["slope"]) + 1) < 0.1 and float(fit["low"]) <= -1 <= float(fit["high"])

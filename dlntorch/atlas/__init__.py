@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .common import Notebook, run_instrument
 
-INSTRUMENTS = ("p1_low_rank", "p2_full_rank", "p6_singular_varieties", "p8_conservation", "p9_rank_jumps")
+INSTRUMENTS = ("p1_low_rank", "p2_full_rank", "p4_infinite_depth", "p6_singular_varieties", "p8_conservation", "p9_rank_jumps")
 
 
 def measure(instrument: str, out: str | Path | None = None, quick: bool = False,
