@@ -23,9 +23,10 @@ THRESHOLD, CONVERGED = 1e-2, 1e-10
 # the diagonal plane is an invariant set of the flow: a small generic tilt ε·R lets the portrait
 # show where nearby starts go; the symmetric and random planes are drawn as they are
 TILT = {"diagonal": 1e-3, "symmetric": 0.0, "random": 0.0}
-# 32 × 32 per portrait keeps the full version (3 slices × 2 extents × 3 depths) near half an hour:
-# the exact flow shares one adaptive step over the replicas (quick, 8 × 8: 2–9 s a run). The
-# issue's 256 × 256 is 64 times the replicas.
+# Per-replica steps (optim.step_control=per_replica) make a run cost about the sum of its grid
+# points' own steps: a 32 × 32 portrait took 14–31 s (2-core CPU shared with other jobs), so the
+# full version (3 planes × 2 extents × 3 depths) takes minutes. The issue's 256 × 256 is 64 times
+# the replicas — hours here; 32 × 32 is the size that fits beside the other instruments.
 FULL_POINTS = 32
 
 
