@@ -24,10 +24,10 @@ THRESHOLD, CONVERGED = 1e-2, 1e-10
 # show where nearby starts go; the symmetric and random planes are drawn as they are
 TILT = {"diagonal": 1e-3, "symmetric": 0.0, "random": 0.0}
 # Per-replica steps (optim.step_control=per_replica) make a run cost about the sum of its grid
-# points' own steps: a 32 × 32 portrait took 14–31 s (2-core CPU shared with other jobs), so the
-# full version (3 planes × 2 extents × 3 depths) takes minutes. The issue's 256 × 256 is 64 times
-# the replicas — hours here; 32 × 32 is the size that fits beside the other instruments.
-FULL_POINTS = 32
+# points' own steps: the 18 runs (3 planes × 2 extents × 3 depths) took 247 s at 32 × 32 (4–25 s a
+# run, 2-core CPU shared with other jobs), so 64 × 64 takes about a quarter of an hour. The issue's
+# 256 × 256 is 16 times that — four hours here — and does not fit in half an hour.
+FULL_POINTS = 64
 
 
 def measure(book: Notebook) -> None:
@@ -80,7 +80,8 @@ def plot(book, rows, portraits, depths, extents, points) -> None:
     depth, extent = depths[-1], extents[-1]
     for ax, name in zip(axes[0, :3], PLANES):
         _, _, det = portraits[(name, extent, depth)]
-        image = ax.imshow(det.reshape(points, points), origin="lower", cmap="RdBu_r", vmin=-1.5, vmax=1.5,
+        cmap = __import__("matplotlib").colormaps["RdBu_r"].with_extremes(bad="darkgrey")  # grey: E ≥ 1e-10 at the end
+        image = ax.imshow(det.reshape(points, points), origin="lower", cmap=cmap, vmin=-1.5, vmax=1.5,
                           extent=(-extent, extent, -extent, extent))
         line = np.array([-extent, extent])
         if name == "diagonal":
@@ -94,7 +95,7 @@ def plot(book, rows, portraits, depths, extents, points) -> None:
         ax.set_xlabel("a (coordinate along P)")
         ax.set_ylabel("b (coordinate along Q)")
         ax.set_title(f"{name} plane, N = {depth}", fontsize=12)
-    fig.colorbar(image, ax=axes[0, 2], label="det W at the limit")
+    fig.colorbar(image, ax=axes[0, 2], label="det W at the limit (grey: not converged)")
     ax = axes[0, 3]
     for i, name in enumerate(PLANES):
         for extent, style in zip(extents, ("-o", "--s")):
