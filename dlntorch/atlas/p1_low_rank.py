@@ -6,9 +6,10 @@ t = 1000), and as rank one when, then, σ2/σ1 < THRESHOLD (1e-2; the table also
 the figure the whole distribution of σ2/σ1). Fractions carry Wilson 95 % intervals. Initial
 conditions: i.i.d. Gaussian factors (init=gaussian) sized per product (scale_of=product: the
 product's typical entry is the scale) over five decades at every depth, and per layer
-(scale_of=layer: each factor's entries have std = scale) where the product it makes is not far
-below 1e-4 (smaller per-layer scales at large N start the flow so close to the saddle at 0 that
-the escape, t ~ σ0^{−(N−2)/N}, outlasts the horizon; those cells are listed as skipped). The exact
+(scale_of=layer: each factor's entries have std = scale) where the product it makes lies in
+[1e-5, 1] (smaller per-layer scales at large N start the flow so close to the saddle at 0 that
+the escape, t ~ σ0^{−(N−2)/N}, outlasts the horizon; larger ones, at N ≥ 4, cost minutes a cell;
+those cells are listed as skipped). The exact
 flow (optim=flow) answers the gradient-flow question; gd at lr 0.05 stands beside it on the
 product-sized cells. At the limit W11 = W22 = 1 to √(2E), so W12·W21 = 1 − det W there; both are
 tabulated per depth.
@@ -27,11 +28,13 @@ THRESHOLD, STRICT = 1e-2, 1e-4
 CONVERGED = 1e-10
 # Each replica of the exact flow takes its own steps (optim.step_control=per_replica), so a cell
 # costs about the sum of its replicas' own steps. Measured with 500 replicas (2-core CPU shared
-# with other jobs, one thread): 5, 53, 115 s at N = 2, 6, 8 and product scale 1e-2; 66 and 151 s
-# at N = 3 and 4 at scale 1; 43 s at N = 6, scale 1e-4 — the product-sized flow grid about 20
-# minutes. The issue's 2000 replicas a cell (four times that, with the per-layer cells and gd
-# beside: over an hour and a half) does not fit in half an hour on this machine; 500 does.
-FULL_REPLICAS = 500
+# with other jobs, one thread): 2, 7, 7, 19 s at N = 2, 3, 4, 6 and product scale 1e-2; 5, 31, 60,
+# 182 s at N = 2, 3, 4, 6 and scale 1; 243 s for per-layer std 1 at N = 4 (product ≈ 2.8) — the
+# flow cells of N ≤ 6 alone took 17 minutes. The issue's 2000 replicas a cell (four times that, plus
+# N = 8 and gd) takes hours here; the full version is 300 replicas a cell, per-layer cells only
+# where the product they make is between 1e-5 and 1.
+FULL_REPLICAS = 300
+LARGEST_PRODUCT = 1.0      # per-layer cells above it (N ≥ 4 at std 1) cost minutes each
 
 
 def closed_form_depth1_ratio(W0: np.ndarray) -> np.ndarray:
@@ -95,7 +98,7 @@ def measure(book: Notebook) -> None:
                 if optim == "gd" and scale_of == "layer":
                     continue          # gd beside the flow on the product-sized cells only (the time budget)
                 for scale in scales:
-                    if scale_of == "layer" and product_scale(scale, depth) < 1e-5:
+                    if scale_of == "layer" and not 1e-5 <= product_scale(scale, depth) <= LARGEST_PRODUCT:
                         skipped.append({"optimiser": optim, "depth": depth, "scale": scale})
                         continue
                     rows.append(cell(book, depth, scale, scale_of, optim, replicas))

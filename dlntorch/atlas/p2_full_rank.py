@@ -25,9 +25,9 @@ THRESHOLD, CONVERGED = 1e-2, 1e-10
 TILT = {"diagonal": 1e-3, "symmetric": 0.0, "random": 0.0}
 # Per-replica steps (optim.step_control=per_replica) make a run cost about the sum of its grid
 # points' own steps: the 18 runs (3 planes × 2 extents × 3 depths) took 247 s at 32 × 32 (4–25 s a
-# run, 2-core CPU shared with other jobs), so 64 × 64 takes about a quarter of an hour. The issue's
-# 256 × 256 is 16 times that — four hours here — and does not fit in half an hour.
-FULL_POINTS = 64
+# run, 2-core CPU shared with other jobs); 64 × 64 would take about a quarter of an hour, and the
+# issue's 256 × 256 (64 times 32 × 32) about four and a half hours, which does not fit.
+FULL_POINTS = 32
 
 
 def measure(book: Notebook) -> None:
