@@ -32,7 +32,8 @@ CONVERGED = 1e-10
 # 182 s at N = 2, 3, 4, 6 and scale 1; 243 s for per-layer std 1 at N = 4 (product ≈ 2.8) — the
 # flow cells of N ≤ 6 alone took 17 minutes. The 2000 replicas a cell (four times that, plus
 # N = 8 and gd) takes hours here; the full version is 300 replicas a cell, per-layer cells only
-# where the product they make is between 1e-5 and 1.
+# where the product they make is between 1e-5 and 1: its flow cells up to N = 8, scale 0.1 took
+# 9 minutes, but N = 8 at scale 1 alone ran over 9 minutes, so with gd it is half an hour or more.
 FULL_REPLICAS = 300
 LARGEST_PRODUCT = 1.0      # per-layer cells above it (N ≥ 4 at std 1) cost minutes each
 
