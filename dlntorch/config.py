@@ -75,6 +75,12 @@ class InitConfig:
     file: Optional[str] = None          # file: factors or products from a .pt/.npz (see init.from_file)
     det_sign: str = "any"               # any | positive | negative: det W0's sign (init.with_det_sign)
     seed: Optional[int] = None          # None derives it from the top-level seed
+    # grid: one replica per point of a slice W0(a, b) = a·P + b·Q + ε·R of the products (init.grid_products)
+    plane: str = "diagonal"             # diagonal (P, Q = E_11, E_22) | symmetric (I, J) | random (seeded)
+    a_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])   # [low, high] of a
+    b_range: list[float] = field(default_factory=lambda: [-1.0, 1.0])   # [low, high] of b
+    points: int = 16                    # grid points per side: replicas must be points² (256, the default)
+    epsilon: float = 1e-3               # ε of the fixed tilt ε·R (R Gaussian, seeded) off the plane
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .arrays import load_arrays
-from .errors import ConfigError, fail, one_of, resolve_depth
+from .errors import ConfigError, at_least, fail, non_negative_finite, one_of, resolve_depth
 from .geometry import balanced_factors, fibre_move, haar_semi_orthogonal
 from .network import balancedness_of, chain
 from .registry import Registry
@@ -137,6 +137,55 @@ def from_file(path: str, widths: list[int], B: int, gen: torch.Generator) -> Fac
                       f"or 'product' (found {sorted(arrays)}).")
 
 
+# -- a grid on a 2-D slice of the products (phase portraits, problem 2) ----------------------
+
+PLANES = ("diagonal", "symmetric", "random")
+
+
+def slice_directions(plane: str, m: int, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(P, Q, R) of the slice W0(a, b) = a·P + b·Q + ε·R of the m×n products.
+
+    diagonal:  P = E_11, Q = E_22 (W0 = diag(a, b) for 2x2);
+    symmetric: P = I, Q = J, the exchange matrix (W0 = [[a, b], [b, a]] for 2x2; the conformal
+               matrices aI + bJ), square only;
+    random:    two Frobenius-orthonormal Gaussian directions (QR of an mn × 2 Gaussian), seeded.
+    R is one Gaussian matrix for the whole slice (a fixed tilt, so the slice stays a plane); it is
+    drawn for every plane, so ε does not change the draws that follow (the hidden frames)."""
+    one_of("init.plane", plane, PLANES)
+    if plane == "random":
+        basis, _ = torch.linalg.qr(torch.randn(m * n, 2, generator=gen, dtype=torch.float64))
+        P, Q = basis[:, 0].reshape(m, n), basis[:, 1].reshape(m, n)
+    elif plane == "diagonal":
+        P, Q = torch.zeros(m, n, dtype=torch.float64), torch.zeros(m, n, dtype=torch.float64)
+        P[0, 0], Q[1, 1] = 1.0, 1.0
+    else:
+        P, Q = torch.eye(m, n, dtype=torch.float64), torch.eye(m, n, dtype=torch.float64).flip(1)
+    R = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return P, Q, R
+
+
+def grid_axes(points: int, a_range, b_range) -> tuple[Tensor, Tensor]:
+    """The grid's coordinates (a, b), points² each, a fastest: replica k is (a_i, b_j) with
+    k = j·points + i, so a (points, points) reshape has b along rows and a along columns."""
+    a = torch.linspace(float(a_range[0]), float(a_range[1]), points, dtype=torch.float64)
+    b = torch.linspace(float(b_range[0]), float(b_range[1]), points, dtype=torch.float64)
+    b, a = torch.meshgrid(b, a, indexing="ij")
+    return a.reshape(-1), b.reshape(-1)
+
+
+def grid_products(cfg: Any, m: int, n: int, gen: torch.Generator) -> Tensor:
+    """W0(a, b) = a·P + b·Q + ε·R at every grid point of `cfg` (init.plane, a_range, b_range,
+    points, epsilon), (points², m, n)."""
+    P, Q, R = slice_directions(cfg.plane, m, n, gen)
+    a, b = grid_axes(cfg.points, cfg.a_range, cfg.b_range)
+    return a.view(-1, 1, 1) * P + b.view(-1, 1, 1) * Q + cfg.epsilon * R
+
+
+def grid(cfg: Any, widths: list[int], B: int, gen: torch.Generator) -> Factors:
+    """One replica per grid point, each product factored on its balanced fibre (Haar hidden frames)."""
+    return balanced_factors(grid_products(cfg, widths[-1], widths[0], gen), widths, generator=gen)
+
+
 def _replicated(array: Tensor, shape: tuple[int, int], B: int, path: str) -> Tensor:
     """(B, *shape) float64: one matrix for every replica, or one per replica."""
     array = array.to(torch.float64)
@@ -229,6 +278,42 @@ def _check_file(cfg: Any) -> None:
 @INITS.register("file", check=_check_file)
 def _file(cfg: Any, widths: list[int], B: int, gen: torch.Generator) -> Factors:
     return from_file(cfg.file, widths, B, gen)
+
+
+def _check_range(key: str, value: Any) -> None:
+    pair = list(value) if value is not None else []
+    if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair) \
+            or not pair[0] < pair[1]:
+        fail(key, value, "it must be [low, high], two finite numbers with low < high")
+
+
+def _check_grid(cfg: Any) -> None:
+    from .tasks import task_shape
+    init = cfg.init
+    one_of("init.plane", init.plane, PLANES)
+    at_least("init.points", init.points, 2)
+    _check_range("init.a_range", init.a_range)
+    _check_range("init.b_range", init.b_range)
+    non_negative_finite("init.epsilon", init.epsilon)
+    if cfg.replicas != init.points ** 2:
+        fail("replicas", cfg.replicas, f"init=grid with init.points={init.points} has one replica per grid "
+             f"point, so it must be init.points² = {init.points ** 2}")
+    if cfg.task.file is not None:
+        return                      # the shape is the file's: balanced_factors checks it at build
+    m, n = task_shape(cfg.task)
+    if min(m, n) < 2:
+        fail("init.plane", init.plane, f"a grid needs products with at least two rows and columns, not {m}x{n}")
+    if init.plane == "symmetric" and m != n:
+        fail("init.plane", init.plane, f"the symmetric plane aI + bJ needs square products, not {m}x{n}")
+    rank = min(m, n) if init.plane != "diagonal" or init.epsilon > 0 else 2
+    if cfg.model.widths is not None and min(cfg.model.widths) < rank:
+        fail("model.widths", list(cfg.model.widths), f"init=grid on the {init.plane} plane makes products of "
+             f"rank {rank}, which factor only through widths ≥ {rank}")
+
+
+@INITS.register("grid", check=_check_grid)
+def _grid(cfg: Any, widths: list[int], B: int, gen: torch.Generator) -> Factors:
+    return grid(cfg, widths, B, gen)
 
 
 def initial_factors(cfg: Any, widths: list[int], replicas: int, seed: int) -> Factors:

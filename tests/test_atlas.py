@@ -227,3 +227,18 @@ def test_p5_low_rank_noise_quick(tmp_path):
         # 1e-12: the Wilson formula's rounding at 0 successes (centre − half ≈ 3e-18, not 0)
         assert float(row["wilson_low"]) - 1e-12 <= float(row["fraction"]) <= float(row["wilson_high"])
     assert any(int(r["hit"]) > 0 for r in rows)      # at β = 5 the noise reaches the singular set
+
+
+def test_p4_infinite_depth_quick(tmp_path):
+    book = measure("p4_infinite_depth", tmp_path / "p4", quick=True)
+    _, rows = check_outputs(book.out, "p4_infinite_depth", ["task", "depth", "up_down_max", "trajectory_distance_mean",
+                                                             "limit_distance_mean", "fibre_dimension", "entropy_mean"])
+    # a balanced upstairs flow's product is the g^N flow (Riemannian submersion): the two solvers
+    # (dopri5, rtol 1e-10 on O(1) states, over τ ≤ 30) agree to far better than 1e-7
+    assert all(float(r["up_down_max"]) < 1e-7 for r in rows)
+    # the limits are full rank, so the fibre is a GL(2)^{N−1} orbit, (N − 1)·4-dimensional
+    assert all(int(r["fibre_dimension"]) == 4 * (int(r["depth"]) - 1) for r in rows)
+    # ‖W_N − W_∞‖ = O(1/N): the fitted rate over N = 5, 10, 20 is −1 to within 0.1 (the next
+    # order, O(1/N²), bends it by a few hundredths there) and its interval covers −1
+    fit = next(f for f in read_table(book.out / "fits.csv") if f["distance"] == "trajectory")
+    assert abs(float(fit["slope"]) + 1) < 0.1 and float(fit["low"]) <= -1 <= float(fit["high"])

@@ -148,3 +148,48 @@ def test_det_sign_is_refused_in_one_sentence(make_cfg, overrides, message):
     from dlntorch.config import ConfigError, validate
     with pytest.raises(ConfigError, match=message):
         validate(make_cfg("init.det_sign=positive", *overrides))
+
+
+@pytest.mark.parametrize("plane", ["diagonal", "symmetric", "random"])
+def test_a_grid_is_the_slice_spec_factored_on_balanced_fibres(make_cfg, plane):
+    """init=grid: replica j·points + i starts at W0 = a_i·P + b_j·Q + ε·R with the slice's own
+    P, Q (diag(a, b); [[a, b], [b, a]]; two orthonormal random directions) and G_p = 0."""
+    from dlntorch.train import Lab
+    points, epsilon = 5, 1e-3
+    cfg = make_cfg("init=grid", f"init.plane={plane}", f"init.points={points}", "init.a_range=[-2,1]",
+                   "init.b_range=[0.5,3]", f"init.epsilon={epsilon}", f"replicas={points ** 2}", "model.depth=3")
+    lab = Lab(cfg)
+    factors = [f.detach() for f in lab.net.factors]
+    # the same seeded generator draws the slice's directions first, as the builder does
+    P, Q, R = init.slice_directions(plane, 2, 2, torch.Generator().manual_seed(lab.seeds["init"]))
+    if plane == "diagonal":
+        assert torch.equal(P, torch.tensor([[1.0, 0], [0, 0]])) and torch.equal(Q, torch.tensor([[0.0, 0], [0, 1]]))
+    elif plane == "symmetric":
+        assert torch.equal(P, torch.eye(2)) and torch.equal(Q, torch.tensor([[0.0, 1], [1, 0]]))
+    else:   # Frobenius-orthonormal directions
+        gram = torch.stack([P.flatten(), Q.flatten()]) @ torch.stack([P.flatten(), Q.flatten()]).T
+        torch.testing.assert_close(gram, torch.eye(2), rtol=0, atol=1e-15)
+    a = torch.linspace(-2, 1, points).repeat(points)                 # a fastest
+    b = torch.linspace(0.5, 3, points).repeat_interleave(points)
+    W0 = a.view(-1, 1, 1) * P + b.view(-1, 1, 1) * Q + epsilon * R
+    # the grid's products are the slice spec exactly (the same arithmetic), and the factors
+    # reproduce them to the rounding of an SVD and cube roots of O(1) numbers
+    assert torch.equal(init.grid_products(cfg.init, 2, 2, torch.Generator().manual_seed(lab.seeds["init"])), W0)
+    torch.testing.assert_close(chain(factors), W0, rtol=0, atol=1e-13)
+    assert max(G.abs().max() for G in balancedness_of(factors)) < 1e-13          # balanced to rounding
+
+
+@pytest.mark.parametrize("override, message", [
+    ("replicas=10", "replicas=10 is not allowed: init=grid with init.points=3 has one replica per grid point, "
+                    "so it must be init.points² = 9."),
+    ("init.a_range=[1,-1]", "init.a_range=[1.0, -1.0] is not allowed: it must be [low, high]"),
+    ("init.plane=round", "init.plane='round' is not allowed: choose one of diagonal, symmetric, random."),
+    ("init.epsilon=-1", "init.epsilon=-1 is not allowed"),
+])
+def test_a_bad_grid_is_refused_in_one_sentence(make_cfg, override, message):
+    from dlntorch.config import validate
+    from dlntorch.errors import ConfigError
+    cfg = make_cfg("init=grid", "init.points=3", "replicas=9", override)
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg)
+    assert str(caught.value).startswith(message)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .common import Notebook, run_instrument
 
-INSTRUMENTS = ("p1_low_rank", "p2_full_rank", "p3_free_energy", "p5_low_rank_noise", "p6_singular_varieties",
-               "p7_balance", "p8_conservation", "p9_rank_jumps",
+INSTRUMENTS = ("p1_low_rank", "p2_full_rank", "p3_free_energy", "p4_infinite_depth", "p5_low_rank_noise",
+               "p6_singular_varieties", "p7_balance", "p8_conservation", "p9_rank_jumps",
                "saxe2014", "razin2020", "shin_yun2025", "kleinman2024", "arora2019")   # reproductions
 
 

@@ -6,11 +6,13 @@ t = 1000), and as rank one when, then, σ2/σ1 < THRESHOLD (1e-2; the table also
 the figure the whole distribution of σ2/σ1). Fractions carry Wilson 95 % intervals. Initial
 conditions: i.i.d. Gaussian factors (init=gaussian) sized per product (scale_of=product: the
 product's typical entry is the scale) over five decades at every depth, and per layer
-(scale_of=layer: each factor's entries have std = scale) where the product it makes is not far
-below 1e-4 (smaller per-layer scales at large N start the flow so close to the saddle at 0 that
-the escape, t ~ σ0^{−(N−2)/N}, outlasts the horizon; those cells are listed as skipped). The exact
-flow (optim=flow) answers the gradient-flow question; gd at lr 0.05 stands beside it. At the
-limit W11 = W22 = 1 to √(2E), so W12·W21 = 1 − det W there; both are tabulated per depth.
+(scale_of=layer: each factor's entries have std = scale) where the product it makes lies in
+[1e-5, 1] (smaller per-layer scales at large N start the flow so close to the saddle at 0 that
+the escape, t ~ σ0^{−(N−2)/N}, outlasts the horizon; larger ones, at N ≥ 4, cost minutes a cell;
+those cells are listed as skipped). The exact
+flow (optim=flow) answers the gradient-flow question; gd at lr 0.05 stands beside it on the
+product-sized cells. At the limit W11 = W22 = 1 to √(2E), so W12·W21 = 1 − det W there; both are
+tabulated per depth.
 Depth 1 is closed form: W(t) = W0 + (1 − e^{−t})(target − W0) on the observed entries, so the
 limit is [[1, b], [c, 1]] with W0's off-diagonal b, c (the test checks the lab against it).
 """
@@ -24,12 +26,16 @@ from .common import Notebook, slide_axes, wilson_interval
 
 THRESHOLD, STRICT = 1e-2, 1e-4
 CONVERGED = 1e-10
-# The exact flow shares one adaptive step over the replicas, so a cell costs replicas × the steps
-# its stiffest replica needs. Measured with 500 replicas: 4, 8, 12, 19, 85, 235 s at N = 1, 2, 3,
-# 4, 6, 8 and product scale 1e-2, but 146 s at N = 3 and over 9 minutes at N = 4 at scale 1, and
-# over 6 minutes at N = 6, scale 1e-4: the full grid takes hours, not half an hour (the issue's
-# 2000 replicas a cell four times that). A faster full version needs per-replica steps in the flow.
-FULL_REPLICAS = 500
+# Each replica of the exact flow takes its own steps (optim.step_control=per_replica), so a cell
+# costs about the sum of its replicas' own steps. Measured with 500 replicas (2-core CPU shared
+# with other jobs, one thread): 2, 7, 7, 19 s at N = 2, 3, 4, 6 and product scale 1e-2; 5, 31, 60,
+# 182 s at N = 2, 3, 4, 6 and scale 1; 243 s for per-layer std 1 at N = 4 (product ≈ 2.8) — the
+# flow cells of N ≤ 6 alone took 17 minutes. The issue's 2000 replicas a cell (four times that, plus
+# N = 8 and gd) takes hours here; the full version is 300 replicas a cell, per-layer cells only
+# where the product they make is between 1e-5 and 1: its flow cells up to N = 8, scale 0.1 took
+# 9 minutes, but N = 8 at scale 1 alone ran over 9 minutes, so with gd it is half an hour or more.
+FULL_REPLICAS = 300
+LARGEST_PRODUCT = 1.0      # per-layer cells above it (N ≥ 4 at std 1) cost minutes each
 
 
 def closed_form_depth1_ratio(W0: np.ndarray) -> np.ndarray:
@@ -90,8 +96,10 @@ def measure(book: Notebook) -> None:
             for scale_of in ("product", "layer"):
                 if depth == 1 and scale_of == "layer":
                     continue          # the same runs: at depth 1 the layer is the product
+                if optim == "gd" and scale_of == "layer":
+                    continue          # gd beside the flow on the product-sized cells only (the time budget)
                 for scale in scales:
-                    if scale_of == "layer" and product_scale(scale, depth) < 1e-5:
+                    if scale_of == "layer" and not 1e-5 <= product_scale(scale, depth) <= LARGEST_PRODUCT:
                         skipped.append({"optimiser": optim, "depth": depth, "scale": scale})
                         continue
                     rows.append(cell(book, depth, scale, scale_of, optim, replicas))
