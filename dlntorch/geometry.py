@@ -4,7 +4,7 @@ Downstairs, the end-to-end matrix W = W_N ⋯ W_1 carries the metric g^N whose i
 operator A_N(Z) = Σ_{j=1}^{N} (WW^T)^{(N−j)/N} Z (W^TW)^{(j−1)/N}; in the full SVD
 W = U diag(s) V^T it acts entrywise, U^T A_N(Z) V = f_N(s_i, s_j) ∘ (U^T Z V). Upstairs, the
 factors carry the Euclidean metric; the fibre φ⁻¹(W) is a group orbit whose balanced part has
-volume exp S_N(W) (the entropy). Formulas: shared/PROBLEMS.md.
+volume exp S_N(W) (the entropy). Formulas: docs/problems.md.
 
 Depth N is a positive integer or math.inf; at N = inf the functions return the limits of the
 *rescaled* objects: f_N/N → f_∞ and A_N/N → A_∞ (A_N itself grows like N).
