@@ -38,7 +38,7 @@ from ..geometry import Depth, as_depth, f_inf, f_N, is_infinite_depth
 from ..network import DeepLinearNetwork
 from ..optim import OPTIMISERS
 from ..tasks import Task, task_shape
-from .flows import DownstairsFlow, _check_solver, _Counted, _not_an_optimizer, _solve, _time_grid
+from .flows import DownstairsFlow, _check_solver, _Counted, _not_an_optimizer, _solve, _time_grid, clock_scale
 
 
 def pair_function(N: Depth) -> Callable[[Tensor, Tensor], Tensor]:
@@ -92,11 +92,7 @@ def integrate_free_energy(W0: Tensor, energy_gradient: Callable[[Tensor], Tensor
     """The free-energy flow from W0 at times[0]: (trajectory (T, B, d, d), ∇E evaluations).
     time_scale 'raw' (t) or 'per_depth' (τ = N t, required at N = inf); other arguments as in
     dynamics.flows.integrate_downstairs; `frozen` (B,) replicas get zero velocity."""
-    if time_scale not in ("raw", "per_depth"):
-        raise ValueError(f"time_scale={time_scale!r} must be 'raw' or 'per_depth'")
-    if is_infinite_depth(N) and time_scale == "raw":
-        raise ValueError("depth N=inf needs time_scale='per_depth' (A_N grows like N in raw time)")
-    scale = 1.0 if time_scale == "raw" or is_infinite_depth(N) else 1.0 / as_depth(N)
+    scale = clock_scale(N, time_scale)
     W0 = W0.detach()
     keep = 1.0 if frozen is None else (~frozen).to(W0.dtype).view(-1, 1, 1)
     rhs = _Counted(lambda W: keep * scale * free_energy_velocity(W, energy_gradient(W), beta, N))
@@ -116,6 +112,15 @@ class FreeEnergyFlow(DownstairsFlow):
     @property
     def beta(self) -> float:
         return self._beta
+
+    def velocity(self, state):
+        """Per-replica step control: the rows the solver carries without moving them (frozen at
+        W = 0, where S_N = −∞) are evaluated at I and get zero velocity."""
+        W = state[0]
+        idle = (~torch.isfinite(W).flatten(1).all(1) | (W.flatten(1).abs().sum(1) == 0)).view(-1, 1, 1)
+        safe = torch.where(idle, torch.eye(W.shape[-1], dtype=W.dtype, device=W.device), W)
+        v = free_energy_velocity(safe, self.task.gradient(safe), self._beta, self.N)
+        return [torch.where(idle, 0.0, clock_scale(self.N, self.time_scale) * v)]
 
     def integrate(self, state, times, options):
         # frozen (diverged) replicas sit at W = 0, where S_N is −∞: they are integrated from W = I
@@ -137,6 +142,7 @@ class FreeEnergyConfig:
     method: str = "dopri5"
     rtol: float = 1e-10
     atol: float = 1e-12
+    step_control: Optional[str] = None  # dopri5: per_replica (default) | shared, as for downstairs
     depth: Optional[str] = None         # N as an int or "inf"; None = model depth
     time_scale: str = "auto"            # raw (t) | per_depth (τ = N t) | auto (per_depth at N = inf)
 
