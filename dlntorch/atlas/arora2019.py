@@ -39,7 +39,8 @@ def config(s: dict, depth: int) -> dict:
 def measure(book: Notebook) -> None:
     s = sizes(book.quick)
     depths = [2, 3, 4]
-    book.note(**s, depths=depths, optimiser="gd (the paper's shared RMSProp is optim=group_rmsprop; not re-measured with it)")
+    book.note(**s, depths=depths,
+              optimiser="gd (the paper's shared RMSProp is optim=group_rmsprop; not re-measured with it)")
     rows = []
     for depth in depths:
         summary = book.train(config(s, depth))
