@@ -1,4 +1,4 @@
-"""The three private interfaces of other libraries that dlntorch leans on, named in one place.
+"""The four private interfaces of other libraries that dlntorch leans on, named in one place.
 
 Each is used only where the library's version is one it was tested with and the private name
 exists; otherwise dlntorch takes the public path, slower but the same result:
@@ -10,10 +10,16 @@ exists; otherwise dlntorch takes the public path, slower but the same result:
   implementation (google-crc32c; same value). Public path: TensorBoard's own pure-Python CRC.
 - `Tensor._version` — the in-place counter that tells the fast path's replica-last copy of the
   factors whether anything else changed them. Public path: refresh the copy on every call.
+- `torch._disable_dynamo`'s per-function cache `__dynamo_disable` — filled for torch.optim's
+  Optimizer methods so that their first call does not import torch._dynamo (seconds, more than
+  torch itself) merely to mark them "not to be compiled" in a process that never compiles; once
+  anything imports torch._dynamo (torch.compile does), they take torch's own path. Public path:
+  the import, on the first optimizer built.
 """
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -93,3 +99,44 @@ def tensor_version(tensor: Any) -> Any:
         return _Unknown()
     version = getattr(tensor, "_version", None)
     return _Unknown() if version is None else version
+
+
+# -- torch._disable_dynamo ------------------------------------------------------------------
+
+DYNAMO_DEFERRED = False
+
+
+def _deferred_disable(fn: Callable, recursive: bool) -> Callable:
+    """`fn` called as it is while torch._dynamo is not imported (nothing can be compiling it),
+    torch._dynamo.disable(fn) once it is: the same call torch's wrapper makes, made later."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        import torch._dynamo
+        disabled = torch._dynamo.disable(fn, recursive, wrapping=False)
+        fn.__dynamo_disable = disabled
+        return disabled(*args, **kwargs)
+    return call
+
+
+def defer_dynamo_import() -> bool:
+    """Let torch.optim.Optimizer's dynamo-disabled methods (add_param_group, state_dict,
+    load_state_dict, zero_grad, …) run without importing torch._dynamo until something else
+    imports it. Returns whether it did: False where torch's version is untested or its wrapper
+    is not the one known (then the first optimizer pays the import)."""
+    global DYNAMO_DEFERRED
+    if DYNAMO_DEFERRED:
+        return True
+    import torch
+    if not _torch_tested() or not hasattr(torch, "_disable_dynamo"):
+        return False
+    wrapper_code = torch._disable_dynamo(lambda: None).__code__
+    for method in vars(torch.optim.Optimizer).values():
+        fn = getattr(method, "__wrapped__", None)
+        if getattr(method, "__code__", None) is not wrapper_code or fn is None:
+            continue
+        cells = dict(zip(method.__code__.co_freevars, (c.cell_contents for c in method.__closure__ or ())))
+        if getattr(fn, "__dynamo_disable", None) is None and isinstance(cells.get("recursive"), bool):
+            fn.__dynamo_disable = _deferred_disable(fn, cells["recursive"])
+    DYNAMO_DEFERRED = True
+    return True

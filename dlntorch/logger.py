@@ -81,16 +81,40 @@ def _umask() -> int:
 
 
 def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
-    """An .npz (np.load reads it) deflated at level 1: as small as np.savez_compressed's level 6
-    on these float arrays and twice as fast, which matters at every checkpoint."""
+    """An .npz (np.load reads it) whose arrays are deflated at level 1 only where that pays:
+    most observables are float64 noise that deflate shrinks by 5–60 % at ~20 MB/s — seconds at
+    the end of a run of thousands of replicas, for a file ~25 % smaller — while flags, ranks and
+    counts shrink 20-fold (see `deflates`). np.load reads both kinds alike."""
+    import time
     import zipfile
 
     from numpy.lib import format as npy
 
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for name, array in arrays.items():
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                npy.write_array(member, np.asanyarray(array), allow_pickle=False)
+            array = np.asanyarray(array)
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=time.localtime()[:6])
+            member.compress_type = zipfile.ZIP_DEFLATED if deflates(array) else zipfile.ZIP_STORED
+            member.external_attr = 0o644 << 16
+            with archive.open(member, "w", force_zip64=True) as out:
+                npy.write_array(out, array, allow_pickle=False)
+
+
+DEFLATE_SAMPLE = 1 << 10     # elements in each of the 8 pieces of an array that `deflates` tries
+
+
+def deflates(array: np.ndarray, ratio: float = 0.25) -> bool:
+    """Whether deflate (level 1) shrinks `array` at least fourfold (flags, ranks, counts, a task's
+    constant columns), judged from 8 pieces spread over it (the early and the late rows of a
+    trajectory differ). Small arrays: always (it costs nothing)."""
+    import zlib
+
+    flat = array.reshape(-1)
+    if flat.nbytes <= 8 * DEFLATE_SAMPLE * 8:
+        return True
+    starts = np.linspace(0, flat.size - DEFLATE_SAMPLE, 8).astype(np.int64)
+    sample = np.concatenate([flat[s:s + DEFLATE_SAMPLE] for s in starts]).tobytes()
+    return len(zlib.compress(sample, 1)) <= ratio * len(sample)
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """Observables, batched over replicas: each is a tensor with leading axis B.
 
-Computed only at logged times (an SVD per replica is the expensive part), never per step.
+Computed only at logged times, never per step. The singular values come from one SVD shared by
+every observable that needs them — in closed form for the tiny shapes (2x2, a row or a column),
+where LAPACK's batched SVD and LU cost 20x the arithmetic.
 """
 from __future__ import annotations
 
@@ -14,6 +16,37 @@ from .errors import ConfigError
 from .geometry import balance_gap, entropy
 from .network import balancedness_of, chain
 from .tasks import Task
+
+
+def singular_values(W: Tensor) -> Tensor:
+    """σ_1 ≥ σ_2 ≥ … of each W (B, m, n), as torch.linalg.svdvals gives them, to float64 rounding
+    (an error of a few ε·σ_1, which is LAPACK's own). Closed forms: a row or a column has the one
+    singular value ‖W‖; a 2x2 W = [[a, b], [c, d]] is a rotation-like part plus a reflection-like
+    part, σ_1 = (‖(a + d, c − b)‖ + ‖(a − d, b + c)‖)/2, and σ_2 = σ_1 |det(W/σ_1)| (= |det W|/σ_1:
+    σ_1σ_2 = |det W|, an exactly singular W has σ_2 = 0; scaled, so that no tiny W underflows)."""
+    m, n = W.shape[-2:]
+    tiny = torch.finfo(W.dtype).tiny
+    if min(m, n) == 1:
+        x = W.flatten(1)
+        largest = x.abs().amax(1, keepdim=True)       # scaled like LAPACK: no under- or overflow
+        return largest * (x / largest.clamp_min(tiny)).norm(dim=1, keepdim=True)
+    if (m, n) == (2, 2):
+        a, b, c, d = W.flatten(1).unbind(1)
+        top = 0.5 * (torch.hypot(a + d, c - b) + torch.hypot(a - d, b + c))
+        bottom = top * determinant(W / top.clamp_min(tiny).view(-1, 1, 1)).abs()
+        return torch.stack([top, torch.minimum(bottom, top)], dim=-1)   # σ_2 ≤ σ_1 through rounding too
+    return torch.linalg.svdvals(W)
+
+
+def determinant(W: Tensor) -> Tensor:
+    """det W of each square W (B, d, d): ad − bc for 2x2 and the entry for 1x1 (LAPACK's LU gives
+    the same to rounding), LU otherwise."""
+    d = W.shape[-1]
+    if d == 1:
+        return W[:, 0, 0]
+    if d == 2:
+        return W[:, 0, 0] * W[:, 1, 1] - W[:, 0, 1] * W[:, 1, 0]
+    return torch.linalg.det(W)
 
 
 def effective_rank(s: Tensor) -> Tensor:
@@ -84,17 +117,18 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
     bad = ~torch.stack([torch.isfinite(f).flatten(1).all(1) for f in raw]).all(0)
     if diverged is not None:
         bad = bad | diverged
-    energy = task.energy(chain(raw))      # the raw one: a diverged replica shows its own
+    product = chain(raw)
+    energy = task.energy(product)      # the raw one: a diverged replica shows its own
     factors = [torch.where(bad.view(B, 1, 1), torch.zeros_like(f), f) for f in raw]
-    W = chain(factors)
-    s = torch.linalg.svdvals(W)
+    W = torch.where(bad.view(B, 1, 1), torch.zeros_like(product), product)   # = chain(factors)
+    s = singular_values(W)
     out: dict[str, Tensor] = {}
     if len(factors) > 1:
         G = balancedness_of(factors)
-        out["balancedness"] = total_norm(G)
+        junctions = {f"balancedness_{p}": frobenius(g) for p, g in enumerate(G, start=1)}
+        out["balancedness"] = torch.stack(list(junctions.values())).norm(dim=0)   # = total_norm(G)
         out["balancedness_drift"] = total_norm([g - g0 for g, g0 in zip(G, G0)])
-        for p, g in enumerate(G, start=1):
-            out[f"balancedness_{p}"] = frobenius(g)
+        out.update(junctions)
         out["balance_gap"] = balance_gap(factors, singular_values=s)
     elif depth == 1:
         out["balancedness"] = out["balancedness_drift"] = out["balance_gap"] = torch.zeros_like(s[:, 0])
@@ -102,7 +136,7 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
                numerical_rank=numerical_rank(s, rank_tol), sigma_max=s[:, 0], sigma_min=s[:, -1])
     if W.shape[-1] == W.shape[-2]:
         out["sigma_ratio"] = s[:, -1] / s[:, 0].clamp_min(torch.finfo(s.dtype).tiny)
-        out["det"] = torch.linalg.det(W)
+        out["det"] = determinant(W)
         if 1 < depth < math.inf:     # S_N has (N − 1) log c_d: none at N = 1 or N = inf
             out["entropy"] = entropy(W, depth, singular_values=s)
             if beta is not None:
@@ -111,9 +145,13 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
     out.update(entries_of(W, entries))
     out.update({f"sigma_{i}": s[:, i - 1] for i in range(1, min(sigma_k, s.shape[-1]) + 1)})
     out["product_norm"] = frobenius(W)
-    out = {k: torch.where(bad, torch.nan, v.to(W.dtype)) for k, v in out.items()}
+    if bool(bad.any()):      # one host sync: the masks cost as much as the observables
+        out = {k: torch.where(bad, torch.nan, v.to(W.dtype)) for k, v in out.items()}
+        s = torch.where(bad.view(B, 1), torch.nan, s)
+    else:
+        out = {k: v.to(W.dtype) for k, v in out.items()}
     out["energy"] = energy
     for p, f in enumerate(raw, start=1):
         out[f"factor_norm_{p}"] = frobenius(f)
-    out["singular_values"] = torch.where(bad.view(B, 1), torch.nan, s)
+    out["singular_values"] = s
     return out

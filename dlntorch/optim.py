@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer, lr_scheduler
 
+from . import compat
 from .errors import at_least, fail, non_negative_finite, positive_finite
 from .noise import NOISES, NoiseTerm, View, noise_term, same
 from .registry import Registry
@@ -431,6 +432,7 @@ def _langevin(cfg: Any, params: list[Tensor], generator: torch.Generator | None)
 def build_optimizer(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:
     """The Optimizer of `cfg.optim` (step-based dynamics only)."""
     option = OPTIMISERS[cfg.name]
+    compat.defer_dynamo_import()     # building torch.optim's Optimizer imports torch._dynamo otherwise
     if "dynamics" in option.extra:
         raise ValueError(f"optim.name={cfg.name!r} is not a step-based optimizer")
     return option.build(cfg, params, generator)

@@ -89,3 +89,44 @@ def test_planes_refresh_without_version_counters(make_cfg, monkeypatch, track):
     monkeypatch.setattr(compat, "TRACK_VERSIONS", track)
     got = trajectory(f"track-{track}")
     assert all(torch.equal(a, b) for a, b in zip(reference, got))
+
+
+@pytest.mark.slow
+def test_a_run_never_imports_dynamo_and_a_compile_still_finds_it(tmp_path):
+    """A fresh process: a whole default run (its optimizer built, stepped, checkpointed) leaves
+    torch._dynamo unimported; once something imports it, the same Optimizer methods take torch's
+    own path (torch._dynamo.disable) and still give the same state."""
+    import subprocess
+    import sys
+    script = f"""
+import sys
+from dlntorch.train import run
+run({{"replicas": 4, "run": {{"steps": 50, "out_dir": {str(tmp_path / 'run')!r}, "progress": False}},
+      "device": "cpu"}})
+assert "torch._dynamo" not in sys.modules, "a run imported torch._dynamo"
+import torch, torch._dynamo
+p = torch.nn.Parameter(torch.ones(3))
+opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+p.grad = torch.ones(3)
+opt.step()
+state = opt.state_dict()
+fresh = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+fresh.load_state_dict(state)
+assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], torch.ones(3))
+fn = torch.optim.Optimizer.state_dict.__wrapped__
+assert getattr(fn, "__dynamo_disable").__module__.startswith("torch"), "not torch's own path after the import"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_deferred_methods_behave_as_torchs():
+    """In this process (dynamo may or may not be imported): an optimizer's state round-trips."""
+    assert compat.defer_dynamo_import() in (True, False)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.5)
+    p.grad = torch.full((2,), 2.0)
+    opt.step()
+    opt.zero_grad()
+    assert p.grad is None and torch.equal(p.detach(), torch.zeros(2))
+    assert opt.state_dict()["param_groups"][0]["lr"] == 0.5

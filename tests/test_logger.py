@@ -55,3 +55,20 @@ def test_hparams_are_the_core_keys_and_the_swept_ones():
                            "init.scale_of", "optim.name", "optim.lr", "replicas", "seed", "optim.beta",
                            "run.log_points"]
     assert shown["model.widths"] == "None" and shown["optim.beta"] == 1e4   # TensorBoard takes no None
+
+
+def test_npz_deflates_only_what_shrinks_and_round_trips(tmp_path):
+    """Noise (float64 observables) is stored, flags and ranks are deflated: both read back exactly."""
+    import zipfile
+    rng = np.random.default_rng(2)
+    arrays = {"energy": rng.normal(size=(40, 4096)), "diverged": np.zeros((40, 4096)),
+              "numerical_rank": np.where(rng.random((40, 4096)) < 0.01, 1.0, 2.0)}
+    with open(tmp_path / "b.npz", "wb") as handle:
+        write_npz(handle, arrays)
+    with zipfile.ZipFile(tmp_path / "b.npz") as archive:
+        kinds = {info.filename: info.compress_type for info in archive.infolist()}
+    assert kinds == {"energy.npy": zipfile.ZIP_STORED, "diverged.npy": zipfile.ZIP_DEFLATED,
+                     "numerical_rank.npy": zipfile.ZIP_DEFLATED}
+    with np.load(tmp_path / "b.npz") as loaded:
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(loaded[key], value)
