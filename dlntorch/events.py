@@ -43,12 +43,16 @@ def rank_at_scale(singular_values: np.ndarray, tol: float = 1e-2) -> np.ndarray:
     return np.where(np.isfinite(s).all(-1), rank, -1).astype(np.int64)
 
 
-def _runs(labels: np.ndarray) -> list[tuple[int, int, int]]:
-    """Maximal runs (label, first index, last index) of a 1-D integer array."""
-    change = np.flatnonzero(np.diff(labels)) + 1
-    starts = np.concatenate([[0], change])
-    ends = np.concatenate([change - 1, [labels.size - 1]])
-    return [(int(labels[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+def _runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Maximal runs of equal values down each column of an integer array (T, B), all columns at
+    once: (replica, label, first index, last index) per run, ordered by replica, then time."""
+    T = labels.shape[0]
+    change = np.ones(labels.shape, dtype=bool)
+    change[1:] = labels[1:] != labels[:-1]
+    replica, first = np.nonzero(change.T)                  # row-major: replica, then time
+    last_run = np.append(replica[1:] != replica[:-1], True)
+    last = np.where(last_run, T - 1, np.append(first[1:], T) - 1)
+    return replica, labels[first, replica], first, last
 
 
 def plateaus(t: np.ndarray, rank: np.ndarray, min_decades: float = 0.25) -> list[list[Plateau]]:
@@ -57,11 +61,16 @@ def plateaus(t: np.ndarray, rank: np.ndarray, min_decades: float = 0.25) -> list
     t = np.asarray(t, dtype=float)
     positive = t > 0
     t, labels = t[positive], np.asarray(rank)[positive]
-    log_t = np.log10(t) if t.size else t
-    found: list[list[Plateau]] = []
-    for b in range(labels.shape[1]):          # analysis, not the hot loop: runs are ragged
-        found.append([Plateau(r, float(t[s]), float(t[e])) for r, s, e in _runs(labels[:, b])
-                      if r >= 0 and log_t[e] - log_t[s] >= min_decades])
+    B = labels.shape[1]
+    if t.size == 0:
+        return [[] for _ in range(B)]
+    log_t = np.log10(t)
+    replica, label, first, last = _runs(labels)
+    keep = (label >= 0) & (log_t[last] - log_t[first] >= min_decades)
+    found: list[list[Plateau]] = [[] for _ in range(B)]
+    for b, r, s, e in zip(replica[keep].tolist(), label[keep].tolist(), t[first[keep]].tolist(),
+                          t[last[keep]].tolist()):
+        found[b].append(Plateau(r, s, e))
     return found
 
 

@@ -40,6 +40,34 @@ def test_short_excursions_are_not_plateaus():
     assert plateaus(t, rank[:, None]) == [[]]
 
 
+def plateaus_one_by_one(t, rank, min_decades=0.25):
+    """The definition, replica by replica and time by time: maximal runs of one known rank
+    (≥ 0) lasting at least `min_decades` of log10 t, t > 0 only."""
+    keep = t > 0
+    t, rank = t[keep], rank[keep]
+    found = []
+    for b in range(rank.shape[1]):
+        runs, start = [], 0
+        for i in range(1, len(t) + 1):
+            if i == len(t) or rank[i, b] != rank[start, b]:
+                if rank[start, b] >= 0 and np.log10(t[i - 1]) - np.log10(t[start]) >= min_decades:
+                    runs.append((int(rank[start, b]), float(t[start]), float(t[i - 1])))
+                start = i
+        found.append(runs)
+    return found
+
+
+def test_plateaus_of_many_replicas_at_once_follow_the_definition():
+    rng = np.random.default_rng(0)
+    t = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 120)])
+    rank = np.cumsum(rng.random((121, 300)) < 0.04, axis=0) % 3 - (rng.random((121, 300)) < 0.02)
+    rank[:, :3], rank[:, 3:6] = -1, 2            # never known; one plateau from first to last
+    for decades in (0.25, 0.0):
+        got = [[(p.rank, p.t_start, p.t_end) for p in runs] for runs in plateaus(t, rank, decades)]
+        assert got == plateaus_one_by_one(t, rank, decades)
+    assert plateaus(np.array([0.0]), np.zeros((1, 2), dtype=np.int64)) == [[], []]
+
+
 def test_first_passage():
     t = np.array([0.0, 1.0, 2.0, 3.0])
     x = np.array([[1.0, 1.0], [0.5, 1.0], [1e-9, 1.0], [1e-12, 1.0]])

@@ -72,3 +72,20 @@ def test_npz_deflates_only_what_shrinks_and_round_trips(tmp_path):
     with np.load(tmp_path / "b.npz") as loaded:
         for key, value in arrays.items():
             np.testing.assert_array_equal(loaded[key], value)
+
+
+def test_summary_json_reads_back_as_the_indented_encoder_wrote_it(tmp_path):
+    """Lists of numbers on one line (C encoder), the rest indented: the same JSON either way."""
+    import json
+
+    import torch
+
+    from dlntorch.logger import _jsonable, json_text
+    data = {"final": {"energy": np.array([1.0, np.nan, np.inf]), "diverged": [False, True, False],
+                      "rank_jumps": [[[0.1, 2.0, 2, 1]], [], [[1.0, 3.0, 1, 2], [3.0, 9.0, 2, 1]]]},
+            "widths": (2, 2, 2), "t": torch.tensor([0.5, 1.5]), "names": ["a", "b"], "empty": [],
+            "none": None, "nested": [{"a": np.float64(1.5)}], "path": tmp_path}
+    text = json_text(data)
+    keep = {"parse_constant": str}       # NaN and Infinity compared as their spellings
+    assert json.loads(text, **keep) == json.loads(json.dumps(data, default=_jsonable), **keep)
+    assert '"energy": [1.0, NaN, Infinity]' in text and '"nested": [\n' in text
