@@ -122,6 +122,9 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write_bytes(path, lambda h: h.write(json_text(data).encode()))
 
 
+_NUMBERS = (bool, int, float, np.generic, type(None))
+
+
 def json_text(data: Mapping[str, Any]) -> str:
     """`data` as indented JSON, each list of numbers (a per-replica column, nested or not) on one
     line: json's indented encoder is pure Python (~1 s for the summary of 4096 replicas, one
@@ -129,11 +132,13 @@ def json_text(data: Mapping[str, Any]) -> str:
     marker = f"@@{uuid.uuid4().hex}@@"
     leaves: list[str] = []
 
-    def numeric(value: Any) -> bool:
-        return value is None or isinstance(value, (bool, int, float, np.generic)) or \
-            (isinstance(value, (list, tuple)) and all(numeric(x) for x in value))
+    def numeric(values: list | tuple) -> bool:       # numbers, or lists of them, all the way down
+        return all(isinstance(x, _NUMBERS) or (isinstance(x, (list, tuple)) and numeric(x)) for x in values)
 
     def skeleton(value: Any) -> Any:
+        if isinstance(value, (np.ndarray, Tensor)) and value.ndim > 0:
+            leaves.append(json.dumps(_jsonable(value), allow_nan=True))
+            return f"{marker}{len(leaves) - 1}"
         if isinstance(value, (np.ndarray, Tensor)):
             value = _jsonable(value)
         if isinstance(value, Mapping):
@@ -177,7 +182,8 @@ def aggregate_rows(values: np.ndarray) -> dict[str, np.ndarray]:
         return np.where(n > 0, a + (b - a) * (position - low), np.nan)
 
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"mean": np.where(n > 0, np.where(valid, values, 0.0).sum(1) / n, np.nan),
+        live = values if n.min(initial=values.shape[1]) == values.shape[1] else np.where(valid, values, 0.0)
+        return {"mean": np.where(n > 0, live.sum(1) / n, np.nan),
                 "median": quantile(0.5),
                 "min": np.where(n > 0, ordered[:, 0], np.nan),
                 "max": np.where(n > 0, ordered[rows, last], np.nan),
@@ -320,10 +326,11 @@ class TensorBoardLog:
         names = [k for k in scalar_names(rows[0]) if self.shown(k)]
         aggregates = [self.aggregates(name) for name in names]
         with_replicas = [len(chosen) > 1 for chosen in aggregates]     # not CONSERVATION's max alone
-        values = np.stack([np.stack([row[k] for k in names]) for row in rows]).astype(np.float64)  # (K, n, B)
+        values = np.stack([np.stack([row[k] for k in names]) for row in rows])    # (K, n, B)
+        values = values.astype(np.float64, copy=False)
         dead = np.stack([row["diverged"] > 0 for row in rows])[:, None, :]
         K, n, B = values.shape
-        live_values = np.where(dead, np.nan, values).reshape(K * n, B)
+        live_values = (np.where(dead, np.nan, values) if dead.any() else values).reshape(K * n, B)
         stats = {a: v.reshape(K, n) for a, v in aggregate_rows(live_values).items()}
         shown = min(self.replicas_shown, B)
         if not self.layout_written:

@@ -119,8 +119,12 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
         bad = bad | diverged
     product = chain(raw)
     energy = task.energy(product)      # the raw one: a diverged replica shows its own
-    factors = [torch.where(bad.view(B, 1, 1), torch.zeros_like(f), f) for f in raw]
-    W = torch.where(bad.view(B, 1, 1), torch.zeros_like(product), product)   # = chain(factors)
+    masked = bool(bad.any())           # one host sync: the masks cost as much as the observables
+    if masked:
+        factors = [torch.where(bad.view(B, 1, 1), torch.zeros_like(f), f) for f in raw]
+        W = torch.where(bad.view(B, 1, 1), torch.zeros_like(product), product)   # = chain(factors)
+    else:
+        factors, W = raw, product
     s = singular_values(W)
     out: dict[str, Tensor] = {}
     if len(factors) > 1:
@@ -145,7 +149,7 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
     out.update(entries_of(W, entries))
     out.update({f"sigma_{i}": s[:, i - 1] for i in range(1, min(sigma_k, s.shape[-1]) + 1)})
     out["product_norm"] = frobenius(W)
-    if bool(bad.any()):      # one host sync: the masks cost as much as the observables
+    if masked:
         out = {k: torch.where(bad, torch.nan, v.to(W.dtype)) for k, v in out.items()}
         s = torch.where(bad.view(B, 1), torch.nan, s)
     else:
