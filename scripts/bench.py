@@ -9,7 +9,7 @@ initial condition and the same learning rate.
 
 Sections (CPU unless said):
   1  seed 2x2, depth 3, GD, float64: replica-steps/s at B = 1, 64, 1024, 4096, 16384 against the
-     baseline's steps/s; the step time at B = 1; the logging overhead of the default grid.
+     baseline's steps/s; the step time at B = 1.
   2  100x100 rank-5 completion, depth 3, 2000 observations, float32 and float64, B = 1: the step
      time against the baseline's, and the fraction of the CPU's matmul rate achieved (a bare loop
      of the same 100x100 matmuls, measured in the same run: a step needs 6 of them).
@@ -27,6 +27,15 @@ Sections (CPU unless said):
      the run loop: seconds per replica-step of each model and its ratio to isotropic (target ≤ 10x),
      and the share of a step spent in the fibre's projection solve, against the SVD it replaces
      (`--sections 6`).
+  7  logging and fixed costs: the wall time of a whole run (built, trained, reported) with the
+     default log grid against run.log_points=2, 20000 steps, interleaved, at B = 256 and 4096
+     (seed 2x2) and for the 100x100 run; `python -m dlntorch` at B = 4096 start to exit against
+     the baseline's steps/s; and, from a child process whose hooks mark its first and last step,
+     the time from process start to the first step and from the last step to exit.
+
+Rows with a target report through `target(...)` (value, bound, pass) and `unmeasured(...)` (a
+target this machine cannot measure, such as the GPU's without CUDA), so every section's rows
+read alike in the table and in the JSON.
 
     python scripts/bench.py --quick                  # smoke run, well under a minute
     python scripts/bench.py --json outputs/bench.json  # the full table (a few minutes on 2 cores)
@@ -35,6 +44,7 @@ Sections (CPU unless said):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -55,11 +65,12 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="section 4 runs on CUDA when this is cuda or auto and CUDA is present")
-    ap.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated subset of 1,2,3,4,5,6")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated subset of 1,2,3,4,5,6,7")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; quick 3)")
     ap.add_argument("--memory-budget-gb", type=float, default=8.0, help="CPU memory budget for 'largest B'")
     ap.add_argument("--peak-bandwidth", type=float, default=4.3e12, help="the card's memory bandwidth, B/s")
     ap.add_argument("--probe", nargs=3, metavar=("CASE", "B", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--process-probe", nargs=2, metavar=("B", "STEPS"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -72,7 +83,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from dlntorch.hooks import Stopwatch  # noqa: E402
-from dlntorch.train import Lab, chunk_ends  # noqa: E402
+from dlntorch.train import Lab  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 
@@ -201,6 +212,26 @@ def row(section: str, name: str, value, unit: str, target: str | None = None, ok
     return r
 
 
+def target(section: str, name: str, value, unit: str, *, at_most: float | None = None,
+           at_least: float | None = None, note: str = "") -> dict:
+    """A row with a target of the Speed issues: `value` ≤ `at_most` or ≥ `at_least` (in `unit`);
+    its pass is whether it holds, None when `value` is not a number (not measured here)."""
+    bound, sign = (at_most, "≤") if at_most is not None else (at_least, "≥")
+    spacer = "" if unit == "x" else " "
+    text = f"{sign} {fmt(bound)}{spacer}{unit}".rstrip()
+    measured = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = None if not measured else value <= at_most if at_most is not None else value >= at_least
+    return row(section, name, value, unit, text, ok, note)
+
+
+NO_DEVICE = "unmeasured (no device lent)"
+
+
+def unmeasured(section: str, name: str, target_text: str, why: str = NO_DEVICE, note: str = "") -> dict:
+    """A target row this machine cannot measure (a GPU target without CUDA): its value says why."""
+    return row(section, name, why, "", target_text, None, note)
+
+
 def fmt(value) -> str:
     if isinstance(value, str):
         return value
@@ -248,53 +279,7 @@ def section_seed(repeats: int, chunk_s: float, quick: bool) -> dict:
     row("1 seed2x2", "lab B=1 step time / baseline step time", r1, "x", "≤ 1.0x", r1 <= 1.0,
         note=f"{res['lab B=1']['min'] * 1e6:.1f} µs vs {t_base * 1e6:.1f} µs")
     out["b1_step_ratio"] = r1
-    out["logging"] = {}
-    for B in ([256] if quick else [256, 1]):
-        out["logging"][B] = logging_overhead(SEED, "seed2x2", B, 1 if quick else 3)
     return out
-
-
-# where logging goes, as the loop's timing hooks name it: snapshots (with the flushes they set
-# off), their batched observables with the TensorBoard records (flush, which includes
-# tb_scalars), the end (histograms, hparams, checkpoint, trajectory.npz, summary.json)
-LOGGING_PHASES = {"log": "snapshot", "flush": "flush", "scalars": "tb_scalars", "finish": "finish"}
-
-
-def logging_overhead(case: list[str], label: str, B: int, repeats: int) -> dict:
-    """The default run of `case` (its default log grid and stop rule) through Lab.train, against
-    the same steps with the same stop tests and no logging at all."""
-    with_log, without, parts, steps, points = [], [], {}, None, None
-    for i in range(repeats):
-        watch = Stopwatch()
-        lab = Lab(config(*case, f"replicas={B}", out=f"log{label}{B}-{i}"), hooks=watch)
-        t0 = time.perf_counter()
-        summary = lab.train()
-        with_log.append(time.perf_counter() - t0)
-        acc = {LOGGING_PHASES[k]: v for k, v in watch.seconds.items() if k in LOGGING_PHASES}
-        parts = {k: min(v, parts.get(k, math.inf)) for k, v in acc.items()}
-        steps, points = summary["steps"], len(lab.state.trajectory.rows)
-        bare = make_lab(*case, f"replicas={B}", out=f"nolog{label}{B}-{i}")
-        cfg, s = bare.cfg, bare.state
-        t0 = time.perf_counter()
-        bare.check()
-        ends = chunk_ends(bare.grid, cfg.run.stop_check_every, bare.total_steps)
-        for end in ends[ends > 0]:
-            bare.dynamics.advance(int(end) - s.step)
-            s.step, s.t = int(end), bare.dynamics.time(int(end))
-            if bare.check():
-                break
-        without.append(time.perf_counter() - t0)
-        assert s.step == steps, (s.step, steps)
-    t_log, t_bare = min(with_log), min(without)
-    overhead = t_log / t_bare - 1
-    note = (f"{steps} steps, {points} logged points: {t_log:.2f} s vs {t_bare:.2f} s; per point: "
-            + ", ".join(f"{k} {1e3 * v / points:.2f} ms" for k, v in parts.items() if k != "finish")
-            + f"; end of run {parts.get('finish', 0):.2f} s")
-    section = "1 seed2x2" if label == "seed2x2" else "2 completion"
-    row(section, f"logging overhead, {label} default run (B={B}, default grid)", 100 * overhead, "%", "≤ 10 %",
-        overhead <= 0.10, note=note)
-    return {"with_logging_s": t_log, "without_logging_s": t_bare, "overhead": overhead, "steps": steps,
-            "logged_points": points, "parts_s": parts}
 
 
 # ------------------------------------------------------------------------------ section 2
@@ -335,8 +320,6 @@ def section_completion(repeats: int, chunk_s: float, quick: bool) -> dict:
         row("2 completion", f"{dtype}: lab's fraction of the matmul rate (6 matmuls/step)", 100 * frac_lab, "%",
             note=f"bare 100x100 matmul {t_mm * 1e6:.1f} µs = {flops / t_mm / 1e9:.1f} GFLOP/s (1 thread); "
                  f"baseline reaches {100 * frac_base:.0f} %")
-    if not quick:   # where a step costs ~0.3 ms rather than ~0.05 ms
-        out["logging"] = logging_overhead(COMPLETION, "completion100", 1, 1)
     return out
 
 
@@ -473,9 +456,11 @@ def modelled_bytes(widths: list[int], layout: str, itemsize: int) -> tuple[int, 
 def section_cuda(repeats: int, chunk_s: float, quick: bool) -> dict:
     print("\n[4] CUDA", flush=True)
     if ARGS.device == "cpu" or not torch.cuda.is_available():
-        why = "skipped: --device cpu" if ARGS.device == "cpu" else "skipped: no CUDA"
+        why = "skipped: --device cpu" if ARGS.device == "cpu" else NO_DEVICE
         print(why)
-        row("4 cuda", "replica-steps/s up to B=2^20; bandwidth vs peak", why, "")
+        for path in ("eager", "CUDA graphs", "compiled"):
+            unmeasured("4 cuda", f"{path}: replica-steps/s for B up to 2^20, bandwidth vs peak",
+                       "measured on the card", why)
         return {"skipped": why}
     Bs = [2 ** k for k in ((10, 14, 18, 20) if quick else (10, 12, 14, 16, 18, 20))]
     return replica_sweep(torch.device("cuda"), Bs, repeats, chunk_s)
@@ -644,9 +629,7 @@ def section_flows(quick: bool) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------ main
-
-# ------------------------------------------------------------------------------ section 5
+# ------------------------------------------------------------------------------ section 6
 
 class NoiseStepper:
     """B replicas of the seed 2x2 task, depth 3, one Langevin step (drift + a registered noise
@@ -724,6 +707,139 @@ def section_noise(repeats: int, chunk_s: float, quick: bool) -> dict:
     return {name: {k: v for k, v in r.items() if k != "all"} for name, r in result.items()}
 
 
+# ------------------------------------------------------------------------------ section 7
+
+# where logging goes, as the loop's timing hooks name it (dlntorch.hooks): snapshots (with the
+# flushes they set off), their batched observables with the TensorBoard records (flush, which
+# includes tb_scalars), the end (final row, histograms, hparams, checkpoint, trajectory.npz, summary)
+LOGGING_PHASES = {"log": "snapshot", "flush": "flush", "scalars": "tb_scalars", "finish": "finish"}
+TWO_POINTS = "run.log_points=2"      # the run with (almost) no logging: its first and last step
+
+
+def timed_run(case: list[str], B: int, steps: int, *extra: str, out: str) -> tuple[float, Stopwatch, Lab]:
+    """One run of exactly `steps` steps (no stop rule) through Lab.train: built, trained, reported;
+    its wall seconds and its phases."""
+    watch = Stopwatch()
+    t0 = time.perf_counter()
+    lab = Lab(config(*case, f"replicas={B}", f"run.steps={steps}", "run.stop_energy=0", *extra, out=out),
+              hooks=watch)
+    lab.train()
+    return time.perf_counter() - t0, watch, lab
+
+
+def logging_overhead(case: list[str], label: str, B: int, steps: int, repeats: int, limit: float) -> dict:
+    """The run's wall time with the default log grid against run.log_points=2, interleaved."""
+    walls: dict[str, list[float]] = {"default": [], "two": []}
+    parts: dict[str, dict[str, float]] = {"default": {}, "two": {}}
+    points = {}
+    for i in range(repeats):
+        for grid, extra in (("default", ()), ("two", (TWO_POINTS,))):
+            wall, watch, lab = timed_run(case, B, steps, *extra, out=f"log-{label}-{B}-{grid}-{i}")
+            walls[grid].append(wall)
+            seen = {LOGGING_PHASES[k]: v for k, v in watch.seconds.items() if k in LOGGING_PHASES}
+            parts[grid] = {k: min(v, parts[grid].get(k, math.inf)) for k, v in seen.items()}
+            points[grid] = len(lab.state.trajectory.rows)
+    t_default, t_two = min(walls["default"]), min(walls["two"])
+    overhead = t_default / t_two - 1
+    n = points["default"]
+    note = (f"{steps} steps, {n} vs {points['two']} logged points: {t_default:.2f} s vs {t_two:.2f} s; per point: "
+            + ", ".join(f"{k} {1e3 * v / n:.2f} ms" for k, v in parts["default"].items() if k != "finish")
+            + f"; end of run {parts['default'].get('finish', 0):.2f} s vs {parts['two'].get('finish', 0):.2f} s")
+    target("7 logging", f"logging overhead, {label} B={B} (default grid vs {TWO_POINTS})", 100 * overhead, "%",
+           at_most=100 * limit, note=note)
+    return {"B": B, "steps": steps, "wall_s": walls, "overhead": overhead, "logged_points": points, "parts_s": parts}
+
+
+def process_probe(B: int, steps: int) -> None:
+    """Child process: the default seed run at B through Hydra's compose API and train.run, the way
+    the CLI runs it, with hooks that mark (wall clock) when the run was composed, when its first
+    step began and its last step ended, and when run() returned."""
+    from dlntorch.hooks import Hooks
+    from dlntorch.train import run
+    imported = time.time()
+
+    class Marks(Hooks):
+        def __init__(self):
+            self.first, self.last = None, None
+
+        @contextlib.contextmanager
+        def phase(self, name):
+            if name == "advance" and self.first is None:
+                self.first = time.time()
+            yield
+            if name == "advance":
+                self.last = time.time()
+
+    marks = Marks()
+    cfg = config(*SEED, f"replicas={B}", f"run.steps={steps}", "run.stop_energy=0", out=f"probe-process-{B}")
+    composed = time.time()
+    run(cfg, hooks=marks)
+    print(json.dumps({"imported": imported, "composed": composed, "first_step": marks.first,
+                      "last_step": marks.last, "returned": time.time()}), flush=True)
+
+
+def timed_process(argv: list[str]) -> tuple[float, float, str]:
+    """Start `argv` as a child process (one torch thread), wait for it: (wall clock at start, at exit, stdout)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(ARGS.threads), "MKL_NUM_THREADS": str(ARGS.threads)}
+    start = time.time()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    end = time.time()
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[:4]}… failed: {done.stderr[-2000:]}")
+    return start, end, done.stdout
+
+
+def whole_process(B: int, steps: int, repeats: int) -> dict:
+    """`python -m dlntorch` at B over `steps` steps with default logging, start to exit, as a user
+    runs it; and the same run in a probe child that marks its first and last step: what a run pays
+    regardless of its length (interpreter, imports, composition, building; the end of the run)."""
+    base = baseline_for(make_lab(*SEED, "replicas=1", out="process-base"))
+    t_base = race({"baseline": base}, "cpu", 5, 0.12)["baseline"]["min"]
+    cli = [sys.executable, "-m", "dlntorch", *SEED, f"replicas={B}", f"run.steps={steps}", "run.stop_energy=0",
+           "run.progress=false", "device=cpu", f"threads={ARGS.threads}", f"hydra.run.dir={TMP / 'cli'}"]
+    probe = [sys.executable, __file__, "--threads", str(ARGS.threads), "--process-probe", str(B), str(steps)]
+    walls, marks = [], []
+    for _ in range(repeats):
+        start, end, _ = timed_process(cli)
+        walls.append(end - start)
+        start, end, text = timed_process(probe)
+        m = json.loads(text.strip().splitlines()[-1])
+        marks.append({"imports_s": m["imported"] - start, "compose_s": m["composed"] - m["imported"],
+                      "start_to_first_step_s": m["first_step"] - start, "steps_s": m["last_step"] - m["first_step"],
+                      "reports_s": m["returned"] - m["last_step"], "last_step_to_exit_s": end - m["last_step"],
+                      "wall_s": end - start})
+    wall = min(walls)
+    best = min(marks, key=lambda m: m["wall_s"])
+    ratio = B * steps / wall * t_base
+    target("7 logging", f"whole process B={B}, {steps} steps, default logging: replica-steps/s / plain loop's",
+           ratio, "x", at_least=2000,
+           note=f"python -m dlntorch start to exit {wall:.2f} s ({B * steps / wall:.3g} replica-steps/s); "
+                f"plain loop {1 / t_base:.0f} steps/s; the steps alone: {B * steps / best['steps_s'] * t_base:.0f}x")
+    building = best["start_to_first_step_s"] - best["imports_s"] - best["compose_s"]
+    row("7 logging", f"start → first step (B={B}, probe child)", best["start_to_first_step_s"], "s",
+        note=f"interpreter + imports {best['imports_s']:.2f} s, Hydra composition {best['compose_s']:.2f} s, "
+             f"run dir, network, dynamics, TensorBoard writer, first row {building:.2f} s")
+    row("7 logging", f"last step → exit (B={B}, probe child)", best["last_step_to_exit_s"], "s",
+        note=f"final row, checkpoint, trajectory.npz, summary.json, histograms, hparams {best['reports_s']:.2f} s; "
+             f"interpreter exit {best['last_step_to_exit_s'] - best['reports_s']:.2f} s")
+    return {"B": B, "steps": steps, "cli_wall_s": walls, "probe": marks, "baseline_steps_per_s": 1 / t_base,
+            "ratio": ratio}
+
+
+def section_logging(repeats: int, quick: bool) -> dict:
+    """What logging costs, small and large, and what a run pays regardless of its length."""
+    steps = 2000 if quick else 20_000
+    print(f"\n[7] logging and fixed costs: default runs over {steps} steps, CPU", flush=True)
+    out = {"overhead": {}}
+    for B in (256, 4096):
+        out["overhead"][B] = logging_overhead(SEED, "seed2x2", B, steps, repeats, 0.25)
+    out["overhead"]["completion100"] = logging_overhead(COMPLETION, "completion100", 1, steps, repeats, 0.10)
+    out["process"] = whole_process(4096, steps, 1 if quick else 2)
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -740,6 +856,9 @@ def main() -> int:
     if ARGS.probe:
         case, B, steps = ARGS.probe
         probe(case, int(B), int(steps))
+        return 0
+    if ARGS.process_probe:
+        process_probe(*map(int, ARGS.process_probe))
         return 0
     quick = ARGS.quick
     repeats = ARGS.repeats or (3 if quick else 7)
@@ -763,6 +882,8 @@ def main() -> int:
         details["flows"] = section_flows(quick)
     if "6" in sections:
         details["noise"] = section_noise(repeats, chunk_s, quick)
+    if "7" in sections:
+        details["logging"] = section_logging(1 if quick else 3, quick)
     wall = time.perf_counter() - started
     print()
     print_table(ROWS)
