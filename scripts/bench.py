@@ -51,6 +51,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -754,6 +755,7 @@ def process_probe(B: int, steps: int) -> None:
     """Child process: the default seed run at B through Hydra's compose API and train.run, the way
     the CLI runs it, with hooks that mark (wall clock) when the run was composed, when its first
     step began and its last step ended, and when run() returned."""
+    from dlntorch.cli import exit_without_teardown
     from dlntorch.hooks import Hooks
     from dlntorch.train import run
     imported = time.time()
@@ -776,6 +778,8 @@ def process_probe(B: int, steps: int) -> None:
     run(cfg, hooks=marks)
     print(json.dumps({"imported": imported, "composed": composed, "first_step": marks.first,
                       "last_step": marks.last, "returned": time.time()}), flush=True)
+    shutil.rmtree(TMP, ignore_errors=True)
+    exit_without_teardown(0)     # as `python -m dlntorch` ends
 
 
 def timed_process(argv: list[str]) -> tuple[float, float, str]:
@@ -915,5 +919,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     finally:
-        import shutil
         shutil.rmtree(TMP, ignore_errors=True)
