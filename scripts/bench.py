@@ -818,7 +818,8 @@ def whole_process(B: int, steps: int, repeats: int) -> dict:
     target("7 logging", f"whole process B={B}, {steps} steps, default logging: replica-steps/s / plain loop's",
            ratio, "x", at_least=2000,
            note=f"python -m dlntorch start to exit {wall:.2f} s ({B * steps / wall:.3g} replica-steps/s); "
-                f"plain loop {1 / t_base:.0f} steps/s; the steps alone: {B * steps / best['steps_s'] * t_base:.0f}x")
+                f"plain loop {1 / t_base:.0f} steps/s; first to last step (logging included): "
+                f"{B * steps / best['steps_s'] * t_base:.0f}x")
     building = best["start_to_first_step_s"] - best["imports_s"] - best["compose_s"]
     row("7 logging", f"start → first step (B={B}, probe child)", best["start_to_first_step_s"], "s",
         note=f"interpreter + imports {best['imports_s']:.2f} s, Hydra composition {best['compose_s']:.2f} s, "
