@@ -130,3 +130,9 @@ def test_deferred_methods_behave_as_torchs():
     opt.zero_grad()
     assert p.grad is None and torch.equal(p.detach(), torch.zeros(2))
     assert opt.state_dict()["param_groups"][0]["lr"] == 0.5
+
+
+def test_dynamo_stays_torchs_own_where_torch_is_untested(monkeypatch):
+    monkeypatch.setattr(compat, "DYNAMO_DEFERRED", False)
+    monkeypatch.setattr(compat, "_torch_tested", lambda: False)
+    assert compat.defer_dynamo_import() is False and compat.DYNAMO_DEFERRED is False
