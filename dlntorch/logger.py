@@ -28,6 +28,11 @@ AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
 HEADLINE_AGGREGATES = ("median", "q10", "q90", "mean")     # what run.tb_tags=headline logs
 # the observables TensorBoard shows by default: what the custom-scalars charts need
 HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?")
+# stochastic runs show these too (balance, the product's drift, entropy and free energy), and every
+# observable shown with its mean gets the 95 % confidence band of that mean over replicas
+STOCHASTIC_HEADLINE = re.compile(r"balance_gap|product_drift|entropy|free_energy")
+BAND = ("ci95_low", "ci95_high")
+Z95 = 1.959963984540054          # the standard normal's 97.5 % quantile
 # and the conservation check: ‖G(t) − G(0)‖ is 0 under gradient flow, so its largest value over
 # the replicas says how far the steps have taken the run from it (its max alone, no replicas)
 CONSERVATION = "balancedness_drift"
@@ -133,9 +138,26 @@ def aggregate_rows(values: np.ndarray) -> dict[str, np.ndarray]:
                 "q10": quantile(0.1), "q90": quantile(0.9)}
 
 
-def aggregate(values: np.ndarray) -> dict[str, float]:
-    """The aggregates of one observable over replicas, as floats (see aggregate_rows)."""
-    return {k: float(v[0]) for k, v in aggregate_rows(np.asarray(values, dtype=np.float64)[None]).items()}
+def band_rows(values: np.ndarray, mean: np.ndarray) -> dict[str, np.ndarray]:
+    """The 95 % confidence band of each row's mean over its replicas (K, B), NaN entries left out:
+    mean ± Z95 · s/√n with s the sample standard deviation (ddof 1) of the n live values; NaN for a
+    row with fewer than two. `mean` is aggregate_rows' (the band costs one more pass, no sort)."""
+    values = np.asarray(values, dtype=np.float64)
+    valid = ~np.isnan(values)
+    n = valid.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        squares = np.where(valid, values - mean[:, None], 0.0) ** 2
+        half = np.where(n > 1, Z95 * np.sqrt(squares.sum(1) / (n - 1) / n), np.nan)
+    return {"ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def aggregate(values: np.ndarray, band: bool = False) -> dict[str, float]:
+    """The aggregates of one observable over replicas, as floats (see aggregate_rows); `band`:
+    with the 95 % confidence band of the mean too (band_rows)."""
+    rows = aggregate_rows(np.asarray(values, dtype=np.float64)[None])
+    if band:
+        rows.update(band_rows(np.asarray(values, dtype=np.float64)[None], rows["mean"]))
+    return {k: float(v[0]) for k, v in rows.items()}
 
 
 class Trajectory:
@@ -180,10 +202,11 @@ def scalar_names(row: Mapping[str, np.ndarray]) -> list[str]:
     return [k for k, v in row.items() if v.ndim == 1 and k not in NOT_OBSERVABLES]
 
 
-def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, list]]:
+def layout(names: Sequence[str], replicas_shown: int, banded: Sequence[str] = ()) -> dict[str, dict[str, list]]:
     """The custom-scalars layout (TensorBoard's CUSTOM SCALARS tab), in the order the tab shows it:
     the headline margin charts (median in its q10–q90 band) of energy, effective rank,
-    balancedness and the singular values; balancedness per junction; single replicas; the other
+    balancedness and the singular values; for stochastic runs, the mean of each `banded`
+    observable in its 95 % confidence band; balancedness per junction; single replicas; the other
     observables; checks (time, divergences, the conservation of G). One kind of chart per category
     (see _as_shown)."""
     def index(name: str) -> int:
@@ -198,6 +221,8 @@ def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, lis
     replicas = [n for n in ("energy", "effective_rank") if n in names] if replicas_shown else []
     categories = {
         "headline": margins(headline),
+        "95 % bands of the mean over replicas": {
+            f"{n} (mean, 95 % band)": ["Margin", [f"{n}/mean", f"{n}/{BAND[0]}", f"{n}/{BAND[1]}"]] for n in banded},
         "balancedness per junction": margins(junctions),
         "replicas": {f"{n} of replicas 0–{replicas_shown - 1}": ["Multiline", [rf"^{n}/replica_\d+$"]]
                      for n in replicas},
@@ -235,16 +260,19 @@ class TensorBoardLog:
 
     `tags`: "headline" (the observables HEADLINE matches, HEADLINE_AGGREGATES of each and single
     replicas, and the max of CONSERVATION) or "all" (every observable, all AGGREGATES);
-    `histogram_steps`: the logged steps that also get distribution/<name> histograms."""
+    `histogram_steps`: the logged steps that also get distribution/<name> histograms; `bands`
+    (stochastic runs): STOCHASTIC_HEADLINE's observables are headline too, and every observable
+    logged with its mean also gets its 95 % band (`name/ci95_low`, `name/ci95_high`)."""
 
     def __init__(self, log_dir: Path, replicas_shown: int, purge_step: int | None = None,
-                 tags: str = "headline", histogram_steps: Sequence[int] = ()):
+                 tags: str = "headline", histogram_steps: Sequence[int] = (), bands: bool = False):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: do it lazily
 
         compat.install_event_checksums(masked_crc32c)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.replicas_shown = replicas_shown
         self.tags = tags
+        self.bands = bands
         self.histogram_steps = {int(s) for s in histogram_steps}
         self.layout_written = purge_step is not None   # a resumed run's first events file has it
 
@@ -252,10 +280,12 @@ class TensorBoardLog:
         """The aggregates of observable `name` that TensorBoard gets; none: no tags at all
         (trajectory.npz keeps every observable)."""
         if self.tags == "all":
-            return AGGREGATES
-        if HEADLINE.fullmatch(name):
-            return HEADLINE_AGGREGATES
-        return ("max",) if name == CONSERVATION else ()
+            chosen = AGGREGATES
+        elif HEADLINE.fullmatch(name) or (self.bands and STOCHASTIC_HEADLINE.fullmatch(name)):
+            chosen = HEADLINE_AGGREGATES
+        else:
+            return ("max",) if name == CONSERVATION else ()
+        return chosen + BAND if self.bands else chosen
 
     def shown(self, name: str) -> bool:
         return bool(self.aggregates(name))
@@ -273,10 +303,14 @@ class TensorBoardLog:
         dead = np.stack([row["diverged"] > 0 for row in rows])[:, None, :]
         K, n, B = values.shape
         live_values = np.where(dead, np.nan, values).reshape(K * n, B)
-        stats = {a: v.reshape(K, n) for a, v in aggregate_rows(live_values).items()}
+        stats = aggregate_rows(live_values)
+        if self.bands:
+            stats.update(band_rows(live_values, stats["mean"]))
+        stats = {a: v.reshape(K, n) for a, v in stats.items()}
         shown = min(self.replicas_shown, B)
         if not self.layout_written:
-            self.writer.add_custom_scalars(layout(names, shown))
+            banded = [name for name, chosen in zip(names, aggregates) if BAND[0] in chosen]
+            self.writer.add_custom_scalars(layout(names, shown, banded))
             self.layout_written = True
         records = compat.file_writer(self.writer)    # add_scalar's own writer, where it can be reached
         for k, row in enumerate(rows):

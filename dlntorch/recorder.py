@@ -23,7 +23,7 @@ import torch
 
 from .hooks import Hooks
 from .logger import TensorBoardLog, histogram_steps, to_numpy
-from .metrics import check_entries, observe
+from .metrics import check_entries, observe, product_drift
 from .network import chain
 
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
@@ -82,9 +82,16 @@ class Recorder:
         self.pending: list[tuple] = []          # logged snapshots not yet observed
         self.last_flush = time.monotonic()
 
+    @property
+    def stochastic(self) -> bool:
+        """Stochastic dynamics: the product's drift is observed, and TensorBoard carries 95 % bands
+        over replicas (a run resumed from a checkpoint older than W0 has no drift)."""
+        return bool(getattr(self.dynamics, "stochastic", False)) and self.state.W0 is not None
+
     def open(self, log_dir: Path, purge_step: int | None) -> None:
         self.tb = TensorBoardLog(log_dir, self.run.log_replicas, purge_step=purge_step, tags=self.run.tb_tags,
-                                 histogram_steps=histogram_steps(self.grid, self.run.histogram_points))
+                                 histogram_steps=histogram_steps(self.grid, self.run.histogram_points),
+                                 bands=self.stochastic)
 
     def snapshot(self) -> tuple:
         s = self.state
@@ -115,8 +122,11 @@ class Recorder:
                       beta=self.beta, depth=self.dynamics.depth, diverged=dead, sigma_k=self.run.sigma_k,
                       entries=self.entries)
         obs.update({k: torch.cat([extra[k] for extra in extras]) for k in extras[0]})
+        W = chain(stacked) if self.save_product or self.stochastic else None
+        if self.stochastic:         # the product's drift ‖W(t) − W(0)‖ (balance, S_N, F_β: observe)
+            obs["product_drift"] = product_drift(W, self.state.W0.repeat(K, 1, 1), dead)
         if self.save_product:       # the raw state: a diverged replica keeps its own values
-            obs["product"] = chain(stacked)
+            obs["product"] = W
         if self.run.save_factors:
             obs.update({f"factor_{p}": f for p, f in enumerate(stacked, start=1)})
         arrays, dead = to_numpy(obs), dead.cpu().numpy().astype(np.float64)

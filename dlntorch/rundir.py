@@ -36,6 +36,7 @@ class RunState:
     gradient_evaluations: int = 0
     diverged: Tensor | None = None         # (B,) bool
     G0: list[Tensor] = field(default_factory=list)
+    W0: Tensor | None = None               # the product at t = 0 (for the drift ‖W(t) − W(0)‖)
     trajectory: Trajectory = field(default_factory=Trajectory)
     elapsed: float = 0.0                   # wall seconds before this process (resumed runs)
     stopped: bool = False                  # by run.stop_energy
@@ -87,6 +88,7 @@ class RunDir:
         s.trajectory.save(self.path / TRAJECTORY)
         payload = {"step": s.step, "t": s.t, "gradient_evaluations": s.gradient_evaluations,
                    "diverged": s.diverged.cpu(), "G0": [g.cpu() for g in s.G0],
+                   "W0": None if s.W0 is None else s.W0.cpu(),
                    "trajectory_rows": len(s.trajectory.rows), "elapsed": elapsed,
                    "dynamics": dynamics.state_dict(), "config": OmegaConf.to_container(cfg),
                    "stopped": s.stopped, "finished": s.finished}
@@ -103,6 +105,7 @@ class RunDir:
         s.step, s.t, s.gradient_evaluations = payload["step"], payload["t"], payload["gradient_evaluations"]
         s.diverged = payload["diverged"].to(device)
         s.G0 = [g.to(device) for g in payload["G0"]]
+        s.W0 = None if payload.get("W0") is None else payload["W0"].to(device)   # older checkpoints lack it
         s.trajectory = Trajectory.load(self.path / TRAJECTORY, payload["trajectory_rows"])
         s.elapsed = payload["elapsed"]
         s.stopped, s.finished = payload["stopped"], payload["finished"]

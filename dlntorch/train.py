@@ -119,7 +119,8 @@ class Lab:
         self.net.set_factors([f.to(self.device, self.dtype) for f in start])
         self.dynamics: Dynamics = build_dynamics(cfg, self.net, self.task, self.seeds["dynamics"])
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
-                              G0=[g.detach().clone() for g in self.net.balancedness()])
+                              G0=[g.detach().clone() for g in self.net.balancedness()],
+                              W0=self.net.product().detach().clone())
         self.hooks = hooks or Hooks()
         self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run, self.grid, self.dynamics.beta,
                                  self.hooks)
@@ -296,7 +297,7 @@ class Lab:
             summary = summarise(self.cfg, s, final, out=self.rundir.path, seeds=self.seeds,
                                 device=self.device, widths=self.widths, total_steps=self.total_steps,
                                 counters=self.dynamics.counters(), wall_time=s.elapsed + self.wall(),
-                                dynamics_depth=self.dynamics.depth)
+                                dynamics_depth=self.dynamics.depth, stochastic=self.dynamics.stochastic)
             if self.task.schedule is not None:
                 summary["schedule"] = self.task.schedule.record(self.dynamics.time)
             self.recorder.close(s.step, hparams(summary["config"], hydra_overrides(), sweep_of_this_job()),

@@ -153,6 +153,10 @@ class StepDynamics(Dynamics):
     def beta(self) -> float | None:
         return self.optimizer.param_groups[0].get("beta")
 
+    @property
+    def stochastic(self) -> bool:
+        return self.beta is not None       # Langevin: the only update rule with a temperature
+
     @torch.no_grad()
     def energy(self) -> Tensor:
         return self.task.energy(chain(self.factors()))
