@@ -25,8 +25,9 @@ Sections (CPU unless said):
      torchode (per-instance steps, dense output) alongside when it is installed.
   6  noise models (dlntorch.noise) on the seed 2x2 task, depth 3, B = 4096, one Langevin step outside
      the run loop: seconds per replica-step of each model and its ratio to isotropic (target ≤ 10x),
-     and the share of a step spent in the fibre's projection solve, against the SVD it replaces
-     (`--sections 6`).
+     the share of a step spent in the fibre's projection solve (the normal equations of
+     dlntorch.fibre.minimum_norm_generator), and the cost of the SVD of τ (the fallback) against
+     that solve (`--sections 6`).
 
     python scripts/bench.py --quick                  # smoke run, well under a minute
     python scripts/bench.py --json outputs/bench.json  # the full table (a few minutes on 2 cores)
@@ -646,7 +647,7 @@ def section_flows(quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------ main
 
-# ------------------------------------------------------------------------------ section 5
+# ------------------------------------------------------------------------------ section 6
 
 class NoiseStepper:
     """B replicas of the seed 2x2 task, depth 3, one Langevin step (drift + a registered noise
@@ -677,9 +678,10 @@ class NoiseStepper:
 
 
 class ProjectionOnly(NoiseStepper):
-    """The projection solve alone, per step: the minimum-norm generator of P_𝐖 x (the batched
-    Cholesky of τ^T τ with its refinement, dlntorch.fibre.minimum_norm_generator), as the
-    tangential step does it once and the fibre_brownian step twice."""
+    """The projection solve alone, per step: the minimum-norm generator of P_𝐖 x (τ^T τ in closed
+    form, its Cholesky factorisation and the solve with one refinement, in the batch-last layout
+    at this size: dlntorch.fibre.minimum_norm_generator), as the tangential step does it once and
+    the fibre_brownian step twice."""
 
     def run(self, n: int) -> None:
         from dlntorch.fibre import flatten, minimum_norm_generator
