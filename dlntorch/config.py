@@ -88,7 +88,8 @@ class RunConfig:
     steps: Optional[int] = None         # step budget; None: DEFAULT_STEPS, or as many as run.time needs
     time: Optional[float] = None        # stop at t = lr·step ≥ time (with run.steps: whichever comes first)
     # a replica has converged when its final E is below this: well below the O(1) energies the
-    # tasks start from (seed2x2: E(0) ≈ 1), well above float64 round-off (~1e-16 relative)
+    # tasks start from (seed2x2: E(0) ≈ 1), well above float64 round-off (~1e-16 relative);
+    # stochastic runs add their thermal level m·n/β (report.converged_level)
     converged_energy: float = 1e-6
     stop_energy: float = 1e-10          # stop once every live replica has E below this
     stop_check_every: int = 100         # steps between stop tests (a host sync each)
