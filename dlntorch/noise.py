@@ -114,7 +114,8 @@ class Tangential(NoiseTerm):
         d𝐖 = −∇L dt + sqrt(2/β) (P_𝐖 dB + √κ P_𝐖^⊥ dB),
 
     P_𝐖 the orthogonal projection onto the tangent space T_𝐖 of the fibre φ⁻¹(W) (dlntorch.fibre:
-    one batched SVD of the tangent map A ↦ (A_p W_p − W_p A_{p−1})_p). κ = 1 is isotropic, κ = 0
+    τ(A) for the minimum-norm generator A, a batched solve of the normal equations of the tangent
+    map τ: A ↦ (A_p W_p − W_p A_{p−1})_p, with the SVD of τ where they are ill conditioned). κ = 1 is isotropic, κ = 0
     noise purely tangential to the fibre. Euler–Maruyama: the projection is taken at the point
     the increment starts from (after the drift, which changes it by O(lr): the same Itô limit).
     Every increment is tangential at κ = 0, yet the product moves, at second order along the
