@@ -4,8 +4,10 @@ TensorBoard (see docs/tensorboard.md) gets a custom-scalars layout that opens on
 charts (the median of energy, effective rank, balancedness and each singular value in its q10–q90
 band), scalars of the headline observables (`name/median`, `q10`, `q90`, `mean` over live
 replicas and the first few replicas `name/replica_i`; run.tb_tags=all: every observable with
-min and max too), histograms of the per-replica values at a bounded number of logged times
-(`distribution/name`) and at the end (`final/name`), and hparams.
+min and max too; stochastic runs: also `name/ci95_low`, `name/ci95_high`, the 95 % band of the
+mean, and the balance, drift, entropy and free energy as headline observables), histograms of the
+per-replica values at a bounded number of logged times (`distribution/name`) and at the end
+(`final/name`), and hparams.
 trajectory.npz gets every observable as an array (T, B[, k]) — analysis reads that, not events.
 """
 from __future__ import annotations
