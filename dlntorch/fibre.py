@@ -139,7 +139,7 @@ def generators_from_flat(flat: Tensor, factors: Sequence[Tensor]) -> list[Tensor
 # routines and bmm pay ~1 µs of overhead per 2x2 or 8x8 matrix, more than the arithmetic, and
 # this layout does not (at 2x2, depth 3, B = 4096 the solve is ~5x faster). Same equations, same
 # refinement; the layouts differ only in how a product of two small matrices is written.
-SMALL_GENERATORS = 16   # K = Σ d_p² up to which the batch-last solve is used
+SMALL_GENERATORS = 16   # K = Σ d_p² up to which the batch-last solve is used (on the CPU)
 
 
 @dataclass(frozen=True)
@@ -288,14 +288,18 @@ def minimum_norm_generator(factors: Sequence[Tensor], flat: Tensor, rtol: float 
     there A solves the normal equations τ^T τ A = τ^T x by a batched Cholesky factorisation, with one
     step of iterative refinement (`_normal_solve`). τ is never formed: τ^T τ comes from
     `tangent_gram`, τ^T and τ act by `tangent_adjoint` and `tangent` (products of the factors);
-    small generators (K ≤ SMALL_GENERATORS) are solved in the batch-last layout. Replicas where the
-    factorisation fails or its pivots spread by more than 1/PIVOT_RATIO (τ not injective, or near a
-    rank drop) take the SVD of `fibre_frame` and its rank rule; so do non-finite ones (NaN out).
+    small generators (K ≤ SMALL_GENERATORS) are solved in the batch-last layout on the CPU.
+    Replicas where the factorisation fails or its pivots spread by more than 1/PIVOT_RATIO (τ not
+    injective, or near a rank drop) take the SVD of `fibre_frame` and its rank rule; so do
+    non-finite ones (NaN out).
     The fallback's test reads `good.all()` once per call (a device sync on CUDA)."""
     finite = torch.stack([torch.isfinite(f).flatten(1).all(1) for f in factors]).all(0)
     safe = [torch.where(finite.view(-1, 1, 1), f, 0.0) for f in factors]
     x = torch.where(finite.view(-1, 1), flat, 0.0)
-    if sum(f.shape[-2] ** 2 for f in factors[:-1]) <= SMALL_GENERATORS:
+    small = sum(f.shape[-2] ** 2 for f in factors[:-1]) <= SMALL_GENERATORS
+    # the batch-last solve trades LAPACK's per-matrix overhead for ~10² elementwise ops per
+    # solve: a win on the CPU; on CUDA each op is a kernel launch (not measured there: batched LAPACK)
+    if small and flat.device.type == "cpu":
         A, good = _normal_solve([f.permute(1, 2, 0).contiguous() for f in safe], x.T.contiguous(), BATCH_LAST)
         A = A.T
     else:
