@@ -110,6 +110,9 @@ class RunConfig:
     save_product: Any = "auto"          # product W in trajectory.npz: auto (m·n ≤ 64) | true | false
     save_factors: bool = False          # factors W_p in trajectory.npz (T, B, d_p, d_{p-1})
     log_entries: list[list[int]] = field(default_factory=list)   # [[i, j], …] 1-based: w_ij = W[i-1, j-1]
+    # k > 0: the observable `sharpness`, λ_max of the Hessian of L by k Lanczos steps (k Hessian-vector
+    # products per logged time); 0: off. Any, not int: a non-integer is refused by validate in one sentence
+    sharpness_iterations: Any = 0
 
 
 @dataclass
@@ -256,6 +259,13 @@ def run_dir(cfg: Any) -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
+def check_sharpness_iterations(value: Any) -> None:
+    """run.sharpness_iterations: an integer ≥ 0 (a bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        fail("run.sharpness_iterations", value, "it must be an integer ≥ 0 (0: no sharpness; k ≥ 1: "
+             "k Lanczos steps, k Hessian-vector products per logged time)")
+
+
 def validate(cfg: Any) -> None:
     """Every value check that can be made before compute. Raises ConfigError."""
     at_least("replicas", cfg.replicas, 1)
@@ -327,6 +337,7 @@ def validate(cfg: Any) -> None:
     one_of("run.tb_tags", run.tb_tags, ("headline", "all"))
     at_least("run.sigma_k", run.sigma_k, 0)
     at_least("run.histogram_points", run.histogram_points, 0)
+    check_sharpness_iterations(run.sharpness_iterations)
     if run.save_product not in ("auto", True, False):
         fail("run.save_product", run.save_product, "choose auto or a boolean, true or false")
     if task.file is None:        # a data file's shape is known once it is read: checked then

@@ -27,10 +27,13 @@ from . import compat
 AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
 HEADLINE_AGGREGATES = ("median", "q10", "q90", "mean")     # what run.tb_tags=headline logs
 # the observables TensorBoard shows by default: what the custom-scalars charts need
-HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?")
+HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?|sharpness")
 # and the conservation check: ‖G(t) − G(0)‖ is 0 under gradient flow, so its largest value over
 # the replicas says how far the steps have taken the run from it (its max alone, no replicas)
 CONSERVATION = "balancedness_drift"
+# the edge of stability (run.sharpness_iterations ≥ 1): λ_max beside 2/lr, the stability limit of a
+# step of size lr (one value for every replica: its max alone), in one chart
+SHARPNESS, STABILITY_LIMIT = "sharpness", "stability_limit"
 DISTRIBUTIONS = ("energy", "effective_rank", "balancedness", "sigma_1", "sigma_2")   # over time
 NOT_OBSERVABLES = ("step", "t", "diverged")
 
@@ -201,7 +204,10 @@ def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, lis
         "balancedness per junction": margins(junctions),
         "replicas": {f"{n} of replicas 0–{replicas_shown - 1}": ["Multiline", [rf"^{n}/replica_\d+$"]]
                      for n in replicas},
-        "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION)]),
+        "edge of stability": {"sharpness λ_max (median, q10, q90) and 2/lr": [
+            "Multiline", [f"^{SHARPNESS}/(median|q10|q90)$", f"^{STABILITY_LIMIT}/max$"]]} if SHARPNESS in names else {},
+        "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION,
+                                                                     SHARPNESS, STABILITY_LIMIT)]),
         "checks": {"time t": ["Multiline", ["^time/t$"]],
                    "diverged replicas": ["Multiline", ["^diverged/count$"]],
                    **({f"{CONSERVATION} (max)": ["Multiline", [f"^{CONSERVATION}/max$"]]}
@@ -255,7 +261,7 @@ class TensorBoardLog:
             return AGGREGATES
         if HEADLINE.fullmatch(name):
             return HEADLINE_AGGREGATES
-        return ("max",) if name == CONSERVATION else ()
+        return ("max",) if name in (CONSERVATION, STABILITY_LIMIT) else ()
 
     def shown(self, name: str) -> bool:
         return bool(self.aggregates(name))
