@@ -204,8 +204,8 @@ def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, lis
         "balancedness per junction": margins(junctions),
         "replicas": {f"{n} of replicas 0–{replicas_shown - 1}": ["Multiline", [rf"^{n}/replica_\d+$"]]
                      for n in replicas},
-        "edge of stability": {"sharpness λ_max (median, q10, q90) and 2/lr": [
-            "Multiline", [f"^{SHARPNESS}/(median|q10|q90)$", f"^{STABILITY_LIMIT}/max$"]]} if SHARPNESS in names else {},
+        "edge of stability": {"sharpness λ_max (median, q10, q90) and 2/lr": ["Multiline", [
+            f"^{SHARPNESS}/(median|q10|q90)$", f"^{STABILITY_LIMIT}/max$"]]} if SHARPNESS in names else {},
         "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION,
                                                                      SHARPNESS, STABILITY_LIMIT)]),
         "checks": {"time t": ["Multiline", ["^time/t$"]],
@@ -312,7 +312,13 @@ class TensorBoardLog:
                 # a replica on its way out (E ~ 1e200, not yet inf) overflows the histogram's sum of
                 # squares, which TensorBoard then stores as inf: harmless, the buckets stay right
                 with np.errstate(over="ignore"):
-                    self.writer.add_histogram(f"{prefix}/{name}", finite, step)
+                    try:
+                        self.writer.add_histogram(f"{prefix}/{name}", finite, step)
+                    except ValueError:
+                        # values all equal and huge (one replica at 1e29 on its way out): the
+                        # writer's bins v ± 0.5 round to zero width and it raises "empty"; such
+                        # a histogram says nothing, and the run must not fail at its end over it
+                        pass
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         """The HPARAMS tab's row of this run: its columns `hparams` and its final `metrics`

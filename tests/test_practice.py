@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dlntorch.analysis import load_run
+from dlntorch.atlas import measure
 from dlntorch.atlas.common import fit_loglog
 from dlntorch.config import ConfigError
 from dlntorch.network import chain
@@ -118,3 +119,67 @@ def test_sharpness_refused_where_the_factors_are_not_integrated(make_cfg, tmp_pa
 def read_table(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def test_the_preset_is_the_instruments_config(make_cfg):
+    """`experiment=practical_vs_flow` composed by Hydra and the instrument's reading of the same
+    file agree on every key the instrument sets: one place holds the comparison's setting."""
+    from omegaconf import OmegaConf
+
+    from dlntorch.atlas.practical_vs_flow import preset
+    composed = OmegaConf.to_container(make_cfg("experiment=practical_vs_flow"), resolve=True)
+    mine = preset()
+    for group in ("task", "model", "init", "run"):
+        for key, value in mine[group].items():
+            assert composed[group][key] == value, (group, key)
+    assert composed["optim"]["name"] == "flow" and composed["replicas"] == mine["replicas"]
+
+
+def test_practical_vs_flow_quick(tmp_path):
+    book = measure("practical_vs_flow", tmp_path / "pvf", quick=True)
+    settings = json.loads((book.out / "settings.json").read_text())
+    assert settings["quick"] is True and settings["sentences"] and settings["configs"]
+    rows = read_table(book.out / "table.csv")
+    assert {"start", "run", "optimiser", "lr", "batch_size", "weight_decay", "distance_to_flow_limit_mean",
+            "max_distance_equal_energy_mean", "balancedness_drift_final_mean", "effective_rank_final_mean",
+            "test_error_final_mean", "same_start"} <= set(rows[0])
+    assert {r["start"] for r in rows} == {"balanced", "unbalanced"}
+    curves = read_table(book.out / "curves.csv")
+    assert {"t", "t_E_mean", "distance_equal_energy_mean", "test_error_ci"} <= set(curves[0])
+    for name in ("figure.png", "figure_t.png"):
+        assert (book.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same seed draws the same start: every run's factors at step 0 equal the flow's, bit for bit
+    assert all(r["same_start"] == "True" for r in rows)
+    for start in ("balanced", "unbalanced"):
+        by_run = {r["run"]: r for r in rows if r["start"] == start}
+        # the flow conserves G to its tolerance; gd at lr 0.05 drifts by O(lr), Adam by O(‖G‖)
+        assert float(by_run["flow"]["balancedness_drift_final_mean"]) < 1e-8
+        gd, adam = by_run["gd lr 0.05"], by_run["adam lr 0.005"]
+        assert float(gd["balancedness_drift_final_mean"]) < 0.1 * float(adam["balancedness_drift_final_mean"])
+        # gd follows the flow (Euler, O(lr)): at equal energy it stays closer to it than Adam does
+        assert float(gd["max_distance_equal_energy_mean"]) < float(adam["max_distance_equal_energy_mean"])
+
+
+def test_edge_of_stability_quick(tmp_path):
+    book = measure("edge_of_stability", tmp_path / "eos", quick=True)
+    settings = json.loads((book.out / "settings.json").read_text())
+    assert settings["quick"] is True and settings["sentences"]
+    rows = read_table(book.out / "table.csv")
+    assert {"factor", "lr", "two_over_lr", "flow_sharpness_median", "diverged", "converged", "oscillating",
+            "sharpness_final_median", "balancedness_final_mean"} <= set(rows[0])
+    assert (book.out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(read_table(book.out / "replicas.csv")) == len(rows) * int(rows[0]["replicas"])
+    by_factor = {float(r["factor"]): r for r in rows}
+    # well below 2/λ every replica converges, at 3 × 2/λ every one diverges (λ at the flow's minimiser)
+    assert by_factor[0.8]["converged"] == by_factor[0.8]["replicas"] and by_factor[0.8]["diverged"] == "0"
+    assert by_factor[3.0]["diverged"] == by_factor[3.0]["replicas"]
+    # below the limit gd converges at a minimiser of sharpness < 2/lr: it is stable there
+    assert float(by_factor[0.8]["sharpness_times_lr_over_2_median"]) < 1
+
+
+def test_a_run_whose_last_replica_leaves_for_infinity_still_finishes(make_cfg):
+    """At lr 1.6 (≈ 3 × 2/λ) every replica diverges; the last one's final values, finite but
+    ~1e29, once made TensorBoard's histogram writer raise at the end of the run."""
+    summary = run(make_cfg("replicas=16", "model.depth=3", "init.scale=0.3", "optim=gd", "optim.lr=1.6",
+                           "run.time=30", "run.stop_energy=0", "run.log_points=20"))
+    assert summary["status"] == "diverged" and summary["diverged_count"] == 16
