@@ -183,3 +183,36 @@ def test_a_run_whose_last_replica_leaves_for_infinity_still_finishes(make_cfg):
     summary = run(make_cfg("replicas=16", "model.depth=3", "init.scale=0.3", "optim=gd", "optim.lr=1.6",
                            "run.time=30", "run.stop_energy=0", "run.log_points=20"))
     assert summary["status"] == "diverged" and summary["diverged_count"] == 16
+
+
+# ------------------------------------------------------------------------ run.time under a schedule
+
+SCHEDULED = {"cosine": ["optim.schedule=cosine"],
+             "warmup": ["optim.schedule=warmup", "optim.warmup_steps=40"],
+             "step": ["optim.schedule=step", "optim.decay_every=100", "optim.decay_factor=0.5"]}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULED))
+def test_run_time_under_a_schedule_stops_once_the_sum_of_lrs_reaches_it(make_cfg, schedule):
+    """run.time=3 at lr 0.02: the run takes the fewest steps S with t = Σ_{k<S} lr_k ≥ 3 (the
+    clock the dynamics keeps, from torch's own scheduler), so t(S − 1) < 3 ≤ t(S); a cosine run
+    anneals over those S steps, t = lr (S + 1)/2. Closed forms: cosine S = 2·3/0.02 − 1 = 299;
+    warmup (40 + 1)/2 + S − 40 = 150 → S = 169.5 → 170; step 100 + 50 = 150 after 200 steps."""
+    expected = {"cosine": 299, "warmup": 170, "step": 200}[schedule]
+    summary = run(make_cfg("replicas=2", "optim=gd", "optim.lr=0.02", "run.time=3", "run.stop_energy=0",
+                           "run.log_points=5", *SCHEDULED[schedule]))
+    assert summary["steps"] == expected and summary["stopped_by"] == "time"
+    assert 3.0 - 1e-9 <= summary["t"] < 3.0 + 0.02       # reached within one step (1e-9: the float sum)
+    shorter = run(make_cfg("replicas=2", "optim=gd", "optim.lr=0.02", "run.time=3", f"run.steps={expected - 1}",
+                           "run.stop_energy=0", "run.log_points=5", *SCHEDULED[schedule], out="shorter"))
+    assert shorter["steps"] == expected - 1 and shorter["stopped_by"] == "steps" and shorter["t"] < 3.0 - 1e-9
+
+
+def test_a_cosine_schedule_without_a_length_spans_the_default_budget(make_cfg):
+    """Neither run.steps nor run.time: the cosine schedule spans the DEFAULT_STEPS the run takes
+    (it had no T_max before and failed at its first step)."""
+    from dlntorch.config import DEFAULT_STEPS
+    summary = run(make_cfg("replicas=2", "optim=gd", "optim.lr=0.02", "optim.schedule=cosine", "run.stop_energy=0",
+                           "run.log_points=5"))
+    assert summary["steps"] == DEFAULT_STEPS
+    assert summary["t"] == pytest.approx(0.02 * (DEFAULT_STEPS + 1) / 2, rel=1e-12)
