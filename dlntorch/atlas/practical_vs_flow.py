@@ -49,6 +49,11 @@ QUICK = ("gd lr 0.05", "sgd b 3 lr 0.05", "adam lr 0.005", "group_rmsprop lr 0.0
 TINY = 1e-300            # log of an energy of exactly 0
 
 
+def flow_clock(horizon: float) -> np.ndarray:
+    """The common grid of flow times τ on which the runs are read at equal energy."""
+    return np.linspace(0.0, horizon, 161)
+
+
 def preset() -> dict:
     """The preset's config as a plain dict for book.train: its values, each group named as its
     defaults list chooses it (override /task: completion → task.name = completion)."""
@@ -104,6 +109,19 @@ def compare(flow, run) -> dict[str, np.ndarray]:
     return {k: np.where(dead, np.nan, v) for k, v in out.items()}
 
 
+def on_flow_clock(matched: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """values (T, B) read on the flow's clock: at each τ of `grid`, per replica, the value at the
+    first logged time whose flow time at equal energy has reached τ (NaN once the run never gets
+    that far down in energy, or has diverged), so that replicas share the x axis. (len(grid), B)"""
+    out = np.full((grid.size, values.shape[1]), np.nan)
+    for b in range(values.shape[1]):
+        reach = np.maximum.accumulate(np.nan_to_num(matched[:, b], nan=-np.inf))
+        first = np.searchsorted(reach, grid, side="left")
+        inside = first < reach.size
+        out[inside, b] = values[first[inside], b]
+    return out
+
+
 def mean_band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over replicas (axis 1) and the 95 % half-width of the mean, per row."""
     mean, half = np.full(values.shape[0], np.nan), np.full(values.shape[0], np.nan)
@@ -152,7 +170,7 @@ def measure(book: Notebook) -> None:
     horizon = 20.0 if quick else float(base["run"]["time"])
     runs = {k: PRACTICE[k] for k in (QUICK if quick else PRACTICE)}
     book.note(preset=base, starts=STARTS, horizon=horizon, flow_horizon=FLOW_LONGER * horizon, practice=runs)
-    rows, curves, plotted = [], [], {}
+    rows, curves, on_clock, plotted = [], [], [], {}
     for start in STARTS:
         flow_optim = {"name": "flow", "lr": base["optim"]["lr"]}
         flow_cfg = config(start, flow_optim, quick, FLOW_LONGER * horizon)
@@ -177,17 +195,32 @@ def measure(book: Notebook) -> None:
             q = compare(flow, run)
             rows.append(summary_row(start, label, optim, summary, q, limit, p["product"], same))
             plotted[start][label] = (q, p["t"])
-            bands = {name: mean_band(q[name]) for name in ("t_E", *QUANTITIES)}
-            for i, t in enumerate(p["t"]):
-                curve = {"start": start, "run": label, "step": int(p["step"][i]), "t": float(t)}
-                for name, (mean, half) in bands.items():
-                    curve[f"{name}_mean"], curve[f"{name}_ci"] = float(mean[i]), float(half[i])
-                curves.append(curve)
+            more_curves, more_on_clock = tabulate(start, label, q, p, horizon)
+            curves += more_curves
+            on_clock += more_on_clock
     book.table(rows)
     book.table(curves, "curves.csv")
+    book.table(on_clock, "curves_equal_energy.csv")
     say_findings(book, rows)
     draw(book, plotted, horizon, "t_E", "figure.png")
     draw(book, plotted, horizon, "t", "figure_t.png")
+
+
+def tabulate(start: str, label: str, q: dict, trajectory: dict, horizon: float) -> tuple[list, list]:
+    """The curves of one run, mean and 95 % half-width over replicas: against its own t (with the
+    flow time at equal energy), and on the flow's clock (on_flow_clock)."""
+    bands = {name: mean_band(q[name]) for name in ("t_E", *QUANTITIES)}
+    against_t = [{"start": start, "run": label, "step": int(trajectory["step"][i]), "t": float(t),
+                  **{f"{name}_{part}": float(band[j][i]) for name, band in bands.items()
+                     for j, part in enumerate(("mean", "ci"))}}
+                 for i, t in enumerate(trajectory["t"])]
+    grid = flow_clock(horizon)
+    clocked = {name: mean_band(on_flow_clock(q["t_E"], q[name], grid)) for name in QUANTITIES}
+    on_clock = [{"start": start, "run": label, "t_E": float(tau),
+                 **{f"{name}_{part}": float(band[j][k]) for name, band in clocked.items()
+                    for j, part in enumerate(("mean", "ci"))}}
+                for k, tau in enumerate(grid)]
+    return against_t, on_clock
 
 
 def say_findings(book: Notebook, rows: list[dict]) -> None:
@@ -216,7 +249,8 @@ def say_findings(book: Notebook, rows: list[dict]) -> None:
 def draw(book: Notebook, plotted: dict, horizon: float, axis: str, name: str) -> None:
     """One row per start, one panel per quantity, one line per run with its 95 % band over replicas
     (log panels: geometric mean and its interval; linear: the mean); x: the flow's time at equal
-    energy (mean over replicas), or the run's own t."""
+    energy (each replica read on the flow's clock, on_flow_clock), or the run's own t."""
+    grid = flow_clock(horizon)
     fig, axes = slide_axes(len(plotted), len(QUANTITIES), width=4.2, height=3.3)
     for r, (start, by_run) in enumerate(plotted.items()):
         for c, (quantity, (label, log)) in enumerate(QUANTITIES.items()):
@@ -224,11 +258,11 @@ def draw(book: Notebook, plotted: dict, horizon: float, axis: str, name: str) ->
             for k, (run, (q, t)) in enumerate(by_run.items()):
                 if run == "flow" and quantity == "distance_equal_energy":
                     continue            # zero by construction
-                x = mean_band(q["t_E"])[0] if axis == "t_E" else t
+                x, y = (grid, on_flow_clock(q["t_E"], q[quantity], grid)) if axis == "t_E" else (t, q[quantity])
                 if log:
-                    centre, low, high = log_band(q[quantity])
+                    centre, low, high = log_band(y)
                 else:
-                    centre, half = mean_band(q[quantity])
+                    centre, half = mean_band(y)
                     low, high = centre - np.nan_to_num(half), centre + np.nan_to_num(half)
                 style = {"color": "black", "lw": 2.5} if run == "flow" else {"color": f"C{k}", "lw": 1.5}
                 ax.plot(x, centre, label=run if r == 0 and c == 1 else None, **style)
