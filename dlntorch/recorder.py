@@ -12,6 +12,7 @@ anything afterwards (dlntorch.analysis.Run.product, .factors, .balancedness()).
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -59,7 +60,10 @@ def stability_limit(dynamics: Any) -> float | None:
     """2/lr of the next step of step-based dynamics (a schedule moves lr), beside the sharpness:
     gradient descent is stable near a point only while λ_max < 2/lr. None for the flows."""
     optimizer = getattr(dynamics, "optimizer", None)
-    return None if optimizer is None else 2 / float(optimizer.param_groups[0]["lr"])
+    if optimizer is None:
+        return None
+    lr = float(optimizer.param_groups[0]["lr"])
+    return 2 / lr if lr > 0 else math.inf        # a cosine schedule's last lr is 0: no limit
 
 
 def warn_if_large(factors: Sequence[torch.Tensor], rows: int) -> None:

@@ -216,3 +216,16 @@ def test_a_cosine_schedule_without_a_length_spans_the_default_budget(make_cfg):
                            "run.log_points=5"))
     assert summary["steps"] == DEFAULT_STEPS
     assert summary["t"] == pytest.approx(0.02 * (DEFAULT_STEPS + 1) / 2, rel=1e-12)
+
+
+def test_the_stability_limit_follows_a_schedule(make_cfg):
+    """Under a cosine schedule 2/lr moves: at a logged step k it is 2/lr_k of the next step, with
+    lr_k = lr (1 + cos(πk/T))/2 (torch's recursive form: 1e-10 relative), and inf at k = T (lr 0)."""
+    summary = run(make_cfg("replicas=2", "optim=gd", "optim.lr=0.05", "optim.schedule=cosine", "run.steps=100",
+                           "run.log_points=6", "run.stop_energy=0", "run.sharpness_iterations=2"))
+    trajectory = load_run(summary["out_dir"]).trajectory
+    steps, limit = trajectory["step"], trajectory["stability_limit"][:, 0]
+    inside = steps < 100
+    expected = 2 / (0.05 * (1 + np.cos(np.pi * steps[inside] / 100)) / 2)
+    assert np.allclose(limit[inside], expected, rtol=1e-10, atol=0)
+    assert np.isinf(limit[steps == 100]).all()
