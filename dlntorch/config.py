@@ -14,7 +14,6 @@ This module imports the option modules (and so torch) only inside `register`, `a
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +22,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .budget import DEFAULT_STEPS, budget, total_steps  # noqa: F401 — the run's length, re-exported
 from .errors import (  # noqa: F401
     ConfigError,
     at_least,
@@ -211,36 +211,6 @@ def derive_seeds(cfg: DictConfig) -> dict[str, int]:
             "task": task if cfg.task.seed is None else cfg.task.seed,
             "init": init if cfg.init.seed is None else cfg.init.seed,
             "dynamics": dynamics}
-
-
-DEFAULT_STEPS = 20000    # the step budget when neither run.steps nor run.time is given
-
-
-def budget(cfg: Any) -> tuple[int, str]:
-    """(steps, "steps" | "time"): the step budget and the key that sets it. run.time alone needs
-    the steps after which t = Σ_k lr_k reaches it: ceil(time / lr) at constant lr, else as the
-    learning-rate schedule says (optim.steps_to_reach); with run.steps too, whichever comes
-    first; neither: DEFAULT_STEPS."""
-    steps, time = cfg.run.steps, cfg.run.time
-    if time is None:
-        return int(DEFAULT_STEPS if steps is None else steps), "steps"
-    schedule = cfg.optim.get("schedule", "constant")
-    if schedule == "constant":
-        # the 1e-9 keeps t = lr·step from missing `time` by one step to rounding (1e-3 · 105000)
-        for_time = max(1, math.ceil(time / cfg.optim.lr - 1e-9))
-    else:
-        from .optim import steps_to_reach
-        for_time = steps_to_reach(cfg.optim, time)
-        if for_time is None:          # never reached: run.steps ends the run (validate refused the rest)
-            return int(steps), "steps"
-    if steps is not None and steps < for_time:
-        return int(steps), "steps"
-    return int(for_time), "time"
-
-
-def total_steps(cfg: Any) -> int:
-    """The step budget (see `budget`)."""
-    return budget(cfg)[0]
 
 
 def leaves(node: Any, prefix: str = "") -> dict[str, Any]:

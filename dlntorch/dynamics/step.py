@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import compat
-from ..config import total_steps
+from ..budget import total_steps
 from ..network import DeepLinearNetwork, chain, factor_gradients
 from ..optim import build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
 from ..tasks import Reshuffled, Task
