@@ -14,7 +14,6 @@ This module imports the option modules (and so torch) only inside `register`, `a
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +22,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .budget import DEFAULT_STEPS, budget, total_steps  # noqa: F401 — the run's length, re-exported
 from .errors import (  # noqa: F401
     ConfigError,
     at_least,
@@ -111,6 +111,9 @@ class RunConfig:
     save_product: Any = "auto"          # product W in trajectory.npz: auto (m·n ≤ 64) | true | false
     save_factors: bool = False          # factors W_p in trajectory.npz (T, B, d_p, d_{p-1})
     log_entries: list[list[int]] = field(default_factory=list)   # [[i, j], …] 1-based: w_ij = W[i-1, j-1]
+    # k > 0: the observable `sharpness`, λ_max of the Hessian of L by k Lanczos steps (k Hessian-vector
+    # products per logged time); 0: off. Any, not int: a non-integer is refused by validate in one sentence
+    sharpness_iterations: Any = 0
 
 
 @dataclass
@@ -211,27 +214,6 @@ def derive_seeds(cfg: DictConfig) -> dict[str, int]:
             "dynamics": dynamics}
 
 
-DEFAULT_STEPS = 20000    # the step budget when neither run.steps nor run.time is given
-
-
-def budget(cfg: Any) -> tuple[int, str]:
-    """(steps, "steps" | "time"): the step budget and the key that sets it. run.time alone needs
-    ceil(time / lr) steps; with run.steps too, whichever comes first; neither: DEFAULT_STEPS."""
-    steps, time = cfg.run.steps, cfg.run.time
-    if time is None:
-        return int(DEFAULT_STEPS if steps is None else steps), "steps"
-    # the 1e-9 keeps t = lr·step from missing `time` by one step to rounding (1e-3 · 105000)
-    for_time = max(1, math.ceil(time / cfg.optim.lr - 1e-9))
-    if steps is not None and steps < for_time:
-        return int(steps), "steps"
-    return int(for_time), "time"
-
-
-def total_steps(cfg: Any) -> int:
-    """The step budget (see `budget`)."""
-    return budget(cfg)[0]
-
-
 def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config (dicts) as {"dotted.key": value} for its leaves."""
     out: dict[str, Any] = {}
@@ -255,6 +237,13 @@ def run_dir(cfg: Any) -> Path | None:
         return Path(cfg.run.out_dir)
     from hydra.core.hydra_config import HydraConfig
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def check_sharpness_iterations(value: Any) -> None:
+    """run.sharpness_iterations: an integer ≥ 0 (a bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        fail("run.sharpness_iterations", value, "it must be an integer ≥ 0 (0: no sharpness; k ≥ 1: "
+             "k Lanczos steps, k Hessian-vector products per logged time)")
 
 
 def validate(cfg: Any) -> None:
@@ -328,6 +317,7 @@ def validate(cfg: Any) -> None:
     one_of("run.tb_tags", run.tb_tags, ("headline", "all"))
     at_least("run.sigma_k", run.sigma_k, 0)
     at_least("run.histogram_points", run.histogram_points, 0)
+    check_sharpness_iterations(run.sharpness_iterations)
     if run.save_product not in ("auto", True, False):
         fail("run.save_product", run.save_product, "choose auto or a boolean, true or false")
     if task.file is None:        # a data file's shape is known once it is read: checked then

@@ -29,7 +29,7 @@ from . import compat
 AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
 HEADLINE_AGGREGATES = ("median", "q10", "q90", "mean")     # what run.tb_tags=headline logs
 # the observables TensorBoard shows by default: what the custom-scalars charts need
-HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?")
+HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?|sharpness")
 # stochastic runs show these too (balance, the product's drift, entropy and free energy), and every
 # observable shown with its mean gets the 95 % confidence band of that mean over replicas
 STOCHASTIC_HEADLINE = re.compile(r"balance_gap|product_drift|entropy|free_energy")
@@ -38,6 +38,9 @@ Z95 = 1.959963984540054          # the standard normal's 97.5 % quantile
 # and the conservation check: ‖G(t) − G(0)‖ is 0 under gradient flow, so its largest value over
 # the replicas says how far the steps have taken the run from it (its max alone, no replicas)
 CONSERVATION = "balancedness_drift"
+# the edge of stability (run.sharpness_iterations ≥ 1): λ_max beside 2/lr, the stability limit of a
+# step of size lr (one value for every replica: its max alone), in one chart
+SHARPNESS, STABILITY_LIMIT = "sharpness", "stability_limit"
 DISTRIBUTIONS = ("energy", "effective_rank", "balancedness", "sigma_1", "sigma_2")   # over time
 NOT_OBSERVABLES = ("step", "t", "diverged")
 
@@ -228,7 +231,10 @@ def layout(names: Sequence[str], replicas_shown: int, banded: Sequence[str] = ()
         "balancedness per junction": margins(junctions),
         "replicas": {f"{n} of replicas 0–{replicas_shown - 1}": ["Multiline", [rf"^{n}/replica_\d+$"]]
                      for n in replicas},
-        "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION)]),
+        "edge of stability": {"sharpness λ_max (median, q10, q90) and 2/lr": ["Multiline", [
+            f"^{SHARPNESS}/(median|q10|q90)$", f"^{STABILITY_LIMIT}/max$"]]} if SHARPNESS in names else {},
+        "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION,
+                                                                     SHARPNESS, STABILITY_LIMIT)]),
         "checks": {"time t": ["Multiline", ["^time/t$"]],
                    "diverged replicas": ["Multiline", ["^diverged/count$"]],
                    **({f"{CONSERVATION} (max)": ["Multiline", [f"^{CONSERVATION}/max$"]]}
@@ -286,7 +292,7 @@ class TensorBoardLog:
         elif HEADLINE.fullmatch(name) or (self.bands and STOCHASTIC_HEADLINE.fullmatch(name)):
             chosen = HEADLINE_AGGREGATES
         else:
-            return ("max",) if name == CONSERVATION else ()
+            return ("max",) if name in (CONSERVATION, STABILITY_LIMIT) else ()
         return chosen + BAND if self.bands else chosen
 
     def shown(self, name: str) -> bool:
@@ -342,7 +348,13 @@ class TensorBoardLog:
                 # a replica on its way out (E ~ 1e200, not yet inf) overflows the histogram's sum of
                 # squares, which TensorBoard then stores as inf: harmless, the buckets stay right
                 with np.errstate(over="ignore"):
-                    self.writer.add_histogram(f"{prefix}/{name}", finite, step)
+                    try:
+                        self.writer.add_histogram(f"{prefix}/{name}", finite, step)
+                    except ValueError:
+                        # values all equal and huge (one replica at 1e29 on its way out): the
+                        # writer's bins v ± 0.5 round to zero width and it raises "empty"; such
+                        # a histogram says nothing, and the run must not fail at its end over it
+                        pass
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         """The HPARAMS tab's row of this run: its columns `hparams` and its final `metrics`

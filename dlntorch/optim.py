@@ -159,31 +159,78 @@ class GroupRMSprop(Optimizer):
 # ------------------------------------------------------------------------------ schedules
 
 # name → build(cfg.optim, optimizer, steps) -> LRScheduler | None; stepped once per optimiser step
+# over a run of `steps` steps. extra["elapsed"](cfg.optim, S, T) = Σ_{k<S} lr_k in closed form, the
+# clock t after S steps of a run of T steps: run.time sets the step budget by it (config.budget)
 SCHEDULES = Registry("optim.schedule")
 
 
-@SCHEDULES.register("constant")
+def _constant_elapsed(cfg: Any, S: int, T: int) -> float:
+    return cfg.lr * S
+
+
+def _cosine_elapsed(cfg: Any, S: int, T: int) -> float:
+    """(lr/2) Σ_{k<S} (1 + cos(πk/T)), by Σ_{k<S} cos(kθ) = sin(Sθ/2) cos((S−1)θ/2) / sin(θ/2)."""
+    theta = math.pi / T
+    return cfg.lr / 2 * (S + math.sin(S * theta / 2) * math.cos((S - 1) * theta / 2) / math.sin(theta / 2))
+
+
+def _step_elapsed(cfg: Any, S: int, T: int) -> float:
+    """lr Σ_{k<S} γ^⌊k/s⌋: q whole blocks of s steps, then r steps at γ^q."""
+    s, gamma = cfg.decay_every, cfg.decay_factor
+    q, r = divmod(S, s)
+    blocks = q if gamma == 1 else (1 - gamma ** q) / (1 - gamma)
+    return cfg.lr * (s * blocks + r * gamma ** q)
+
+
+def _warmup_elapsed(cfg: Any, S: int, T: int) -> float:
+    """lr Σ_{k<S} min(1, (k + 1)/W)."""
+    W = cfg.warmup_steps
+    ramp = min(S, W)
+    return cfg.lr * (ramp * (ramp + 1) / (2 * W) + max(S - W, 0))
+
+
+@SCHEDULES.register("constant", elapsed=_constant_elapsed)
 def _constant(cfg: Any, optimizer: Optimizer, steps: int) -> None:
     return None                      # lr throughout: t = lr × step, the fast path untouched
 
 
-@SCHEDULES.register("cosine")
+@SCHEDULES.register("cosine", elapsed=_cosine_elapsed)
 def _cosine(cfg: Any, optimizer: Optimizer, steps: int) -> lr_scheduler.LRScheduler:
-    """lr_k = lr (1 + cos(π k / T)) / 2 from optim.lr to 0 over the run's T = run.steps."""
+    """lr_k = lr (1 + cos(π k / T)) / 2 from optim.lr to 0 over the run's T steps."""
     return lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
 
 
-@SCHEDULES.register("step")
+@SCHEDULES.register("step", elapsed=_step_elapsed)
 def _step(cfg: Any, optimizer: Optimizer, steps: int) -> lr_scheduler.LRScheduler:
     """lr_k = lr · decay_factor^⌊k / decay_every⌋."""
     return lr_scheduler.StepLR(optimizer, step_size=cfg.decay_every, gamma=cfg.decay_factor)
 
 
-@SCHEDULES.register("warmup")
+@SCHEDULES.register("warmup", elapsed=_warmup_elapsed)
 def _warmup(cfg: Any, optimizer: Optimizer, steps: int) -> lr_scheduler.LRScheduler:
     """Linear warm-up, then constant: lr_k = lr · min(1, (k + 1) / warmup_steps)."""
     W = cfg.warmup_steps
     return lr_scheduler.LinearLR(optimizer, start_factor=1 / W, end_factor=1.0, total_iters=max(W - 1, 1))
+
+
+def steps_to_reach(cfg: Any, time: float) -> int | None:
+    """The fewest steps S with Σ_{k<S} lr_k ≥ time under cfg.schedule in a run of S steps (cosine
+    spans the run's steps, so t = lr (S + 1)/2 there), or None if the schedule never gets there:
+    a decaying step schedule sums to less than lr·s/(1 − γ). The 1e-9·lr keeps the clock's float
+    sum from missing `time` by one step (as at constant lr)."""
+    elapsed = SCHEDULES[cfg.schedule].extra["elapsed"]
+    goal = time - 1e-9 * cfg.lr
+    if cfg.schedule == "step" and cfg.decay_factor < 1 and \
+            goal >= (1 - 1e-12) * cfg.lr * cfg.decay_every / (1 - cfg.decay_factor):
+        return None
+    high = 1
+    while elapsed(cfg, high, high) < goal:       # t(S) grows with S: doubling, then bisection
+        high *= 2
+    low = high // 2                              # t(low) < goal ≤ t(high) (or high = 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if elapsed(cfg, middle, middle) < goal else (low, middle)
+    return high
 
 
 def build_schedule(cfg: Any, optimizer: Optimizer, steps: int) -> lr_scheduler.LRScheduler | None:
@@ -307,9 +354,11 @@ def _check_rule(cfg: Any) -> None:
         at_least("optim.decay_every", optim.decay_every, 1)
         if not (isinstance(optim.decay_factor, (int, float)) and 0 < optim.decay_factor <= 1):
             fail("optim.decay_factor", optim.decay_factor, "it must be in (0, 1]")
-    if schedule != "constant" and cfg.run.time is not None:
-        fail("run.time", cfg.run.time, f"with optim.schedule={schedule} it must be left unset, since t = Σ lr_k "
-             "is not lr × step (set the run's length by run.steps)")
+    if schedule != "constant" and cfg.run.time is not None and cfg.run.steps is None and \
+            steps_to_reach(optim, cfg.run.time) is None:
+        limit = optim.lr * optim.decay_every / (1 - optim.decay_factor)
+        fail("run.time", cfg.run.time, f"with optim.schedule=step it must be at most Σ_k lr_k = lr·decay_every/"
+             f"(1 − decay_factor) = {limit:g}, all the time that schedule ever takes (or set run.steps)")
     if optim.get("batch_size") is not None:
         at_least("optim.batch_size", optim.batch_size, 1)
         check_batch_size(optim.batch_size, minibatch_units(cfg.task), cfg.task.name)

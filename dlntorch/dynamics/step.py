@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import compat
+from ..budget import total_steps
 from ..network import DeepLinearNetwork, chain, factor_gradients
 from ..optim import build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
 from ..tasks import Reshuffled, Task
@@ -67,7 +68,8 @@ class StepDynamics(Dynamics):
         self.optimizer = build_optimizer(cfg.optim, self.params, self.generator)
         self.closed_form = cfg.run.gradient != "autograd"
         self.name = cfg.optim.name
-        self.scheduler = build_schedule(cfg.optim, self.optimizer, cfg.run.steps)
+        # a schedule spans the run's steps: run.steps, or what run.time needs (config.budget)
+        self.scheduler = build_schedule(cfg.optim, self.optimizer, total_steps(cfg))
         self.steps_done, self.clock = 0, 0.0          # steps taken and t = Σ lr_k (with a schedule)
         self.batch_size = cfg.optim.get("batch_size")  # None: the full batch
         if self.batch_size is not None:                # a file task's units are known only now
