@@ -138,34 +138,6 @@ def aggregate(values: np.ndarray) -> dict[str, float]:
     return {k: float(v[0]) for k, v in aggregate_rows(np.asarray(values, dtype=np.float64)[None]).items()}
 
 
-class Trajectory:
-    """The logged rows, kept in memory (at most run.log_points of them) and saved as npz."""
-
-    def __init__(self, rows: list[dict[str, np.ndarray]] | None = None):
-        self.rows = rows or []
-
-    def append(self, row: dict[str, np.ndarray]) -> None:
-        self.rows.append(row)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        keys = list(self.rows[0]) if self.rows else []
-        return {key: np.stack([row[key] for row in self.rows]) for key in keys
-                if all(key in row for row in self.rows)}
-
-    @classmethod
-    def load(cls, path: Path, rows: int) -> Trajectory:
-        """The first `rows` logged rows of a saved trajectory."""
-        if rows == 0:
-            return cls()
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
-        return cls([{key: value[i] for key, value in arrays.items()} for i in range(rows)])
-
-    def save(self, path: Path) -> None:
-        arrays = self.arrays()
-        atomic_write_bytes(path, lambda h: write_npz(h, arrays))
-
-
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC-32C, in C (google-crc32c). TensorBoard without TensorFlow computes it
     in pure Python, ~90 µs per KB: that, not the logging itself, was most of the time a logged

@@ -272,7 +272,7 @@ def logging_overhead(case: list[str], label: str, B: int, repeats: int) -> dict:
         with_log.append(time.perf_counter() - t0)
         acc = {LOGGING_PHASES[k]: v for k, v in watch.seconds.items() if k in LOGGING_PHASES}
         parts = {k: min(v, parts.get(k, math.inf)) for k, v in acc.items()}
-        steps, points = summary["steps"], len(lab.state.trajectory.rows)
+        steps, points = summary["steps"], len(lab.state.trajectory)
         bare = make_lab(*case, f"replicas={B}", out=f"nolog{label}{B}-{i}")
         cfg, s = bare.cfg, bare.state
         t0 = time.perf_counter()
