@@ -10,6 +10,7 @@ trajectory.npz gets every observable as an array (T, B[, k]) — analysis reads 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -94,8 +95,14 @@ def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    text = json.dumps(data, indent=2, default=_jsonable, allow_nan=True)
-    atomic_write_bytes(path, lambda h: h.write(text.encode()))
+    """Encoded as it is written (json.dump): the text of a summary with per-replica lists at a
+    million replicas is gigabytes, never held whole in memory."""
+    def write(handle) -> None:
+        text = io.TextIOWrapper(handle, encoding="utf-8")
+        json.dump(data, text, indent=2, default=_jsonable, allow_nan=True)
+        text.flush()
+        text.detach()          # the handle stays open for atomic_write_bytes's fsync
+    atomic_write_bytes(path, write)
 
 
 def _jsonable(value: Any) -> Any:
