@@ -112,8 +112,11 @@ def test_auto_leaves_short_runs_eager(make_cfg):
         steps = max(1, math.floor(1.0 / compiled.eager_seconds(1, replicas, widths)))
         assert compiled.eager_seconds(steps, replicas, widths) <= 1.0
         assert not compiled.decide("auto", steps, replicas, widths)
-    # a long run of many replicas is worth it: ~10 minutes of modelled stepping
-    assert compiled.decide("auto", 10**6, 4096, [2, 2, 2, 2])
+    # a long run of many replicas is worth it (~5 minutes of modelled stepping), on the planes
+    # layout only: on the batch layout inductor keeps bmm external and gains nothing
+    assert compiled.decide("auto", 10**6, 4096, [2, 2, 2, 2], "planes")
+    assert not compiled.decide("auto", 10**6, 4096, [2, 2, 2, 2], "batch")
+    assert not compiled.decide("auto", 10**7, 1, [100, 100, 100, 100], "batch")
     assert compiled.decide("on", 1, 1, [2, 2]) and not compiled.decide("off", 10**9, 4096, [2, 2, 2, 2])
 
 

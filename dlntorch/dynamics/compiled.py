@@ -14,6 +14,7 @@ the same draws.
 """
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,12 +24,16 @@ from torch import Tensor
 
 from ..network import factor_gradients
 
+log = logging.getLogger(__name__)
+
 # The cost model of `auto`, measured on the 2-core CPU of docs/performance.md (float64, one
-# thread; seed 2x2 at depth 3, both layouts): an eager step costs STEP_SECONDS of launches plus
-# MULTIPLY_ADD_SECONDS per multiply-add of its matmuls; the compiled step is SPEEDUP times
-# faster; compiling costs COMPILE_SECONDS (a cold cache; a warm one, a few seconds).
-STEP_SECONDS = 60e-6
-MULTIPLY_ADD_SECONDS = 2.5e-9
+# thread; seed 2x2 at depth 3): an eager step costs STEP_SECONDS of launches (B = 1: 17 µs) plus
+# MULTIPLY_ADD_SECONDS per multiply-add of its matmuls (planes, B = 4096: 318 µs); the compiled
+# planes step is SPEEDUP times faster; compiling costs COMPILE_SECONDS (a cold cache; a warm
+# one, a few seconds). The batch layout gains nothing worth a compile (inductor keeps bmm as
+# an external kernel: 338 vs 354 µs at B = 4096), so `auto` compiles only the planes layout.
+STEP_SECONDS = 20e-6
+MULTIPLY_ADD_SECONDS = 1.5e-9
 SPEEDUP = 2.0
 COMPILE_SECONDS = 30.0
 MARGIN = 4.0             # compile only when the time it saves is ≥ this many compiles
@@ -47,12 +52,14 @@ def eager_seconds(steps: int, replicas: int, widths: Sequence[int]) -> float:
     return steps * (STEP_SECONDS + replicas * multiply_adds(widths) * MULTIPLY_ADD_SECONDS)
 
 
-def decide(setting: str, steps: int, replicas: int, widths: Sequence[int]) -> bool:
-    """run.compile: on, off, or auto — on when the saving (1 − 1/SPEEDUP) of the modelled eager
-    stepping time is at least MARGIN × COMPILE_SECONDS (so nothing under ~4 minutes of stepping
-    compiles, let alone a 1-second run)."""
+def decide(setting: str, steps: int, replicas: int, widths: Sequence[int], layout: str = "planes") -> bool:
+    """run.compile: on, off, or auto — on for the planes layout when the saving (1 − 1/SPEEDUP)
+    of the modelled eager stepping time is at least MARGIN × COMPILE_SECONDS (so nothing under
+    4 minutes of modelled stepping compiles, let alone a 1-second run)."""
     if setting != "auto":
         return setting == "on"
+    if layout != "planes":
+        return False
     saved = eager_seconds(steps, replicas, widths) * (1 - 1 / SPEEDUP)
     return saved >= MARGIN * COMPILE_SECONDS
 
@@ -105,6 +112,7 @@ class CompiledStep:
             self.fail(error)
             return False
         self.seconds = time.perf_counter() - started
+        log.info("run.compile: the step compiled in %.1f s", self.seconds)
         return True
 
 

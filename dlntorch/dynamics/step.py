@@ -100,7 +100,7 @@ class StepDynamics(Dynamics):
         extra = OPTIMISERS[self.name].extra
         setting = cfg.run.get("compile", "off")
         self.compiles = self.fused and "drift" in extra and setting != "off" and compiled.decide(
-            setting, _run_steps(cfg) if setting == "auto" else 0, net.replicas, net.widths)
+            setting, _run_steps(cfg) if setting == "auto" else 0, net.replicas, net.widths, layout)
         self._drift, self._noise = extra.get("drift"), extra.get("noise")
         self._compiled: compiled.CompiledStep | None = None   # built with the workspace it closes over
 
