@@ -2,7 +2,7 @@
 trajectory.npz assembled from them at every checkpoint and at the end.
 
 A row (one logged time) is a dict of arrays: `step` and `t` (scalars) and each observable with
-its replica axis, (B,) or (B, k) or (B, m, n). Kept in memory, 200 rows of ~40 numbers per
+its replica axis, (B,) or (B, k) or (B, m, n). Kept in memory, 200 rows of ~30 numbers per
 replica capped a 2x2 run at ~2e5 replicas in 8 GiB; here only the last row stays in memory.
 
 Why row files and not an npz written as it goes: an npz member is one deflated stream per
