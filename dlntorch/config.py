@@ -102,6 +102,7 @@ class RunConfig:
     checkpoint_minutes: float = 10.0    # wall-time between checkpoints
     on_divergence: str = "freeze"       # freeze (count it) | error
     cuda_graphs: bool = False           # plain gd on CUDA: replay captured steps (launch-bound tiny matrices)
+    compile: str = "auto"               # torch.compile of gd/sgd/langevin's fast step: auto | on | off
     progress: bool = True               # tqdm bar on runs longer than a few seconds
     out_dir: Optional[str] = None       # None: Hydra's run dir (or ./outputs/<time> from Python)
     # what a researcher reads afterwards (TensorBoard's tags, the state in trajectory.npz)
@@ -227,6 +228,7 @@ def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 # what a run dir holds (see README, "Outputs of a run")
 CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
+TRAJECTORY_ROWS = "trajectory"      # the row files of a run that logs (dlntorch.trajectory), until it completes
 # the statuses of a summary.json whose run reached its end (a diverged one: every replica diverged)
 FINISHED = ("completed", "diverged")
 
@@ -311,6 +313,7 @@ def validate(cfg: Any) -> None:
     at_least("run.stop_check_every", run.stop_check_every, 1)
     at_least("run.checkpoint_every", run.checkpoint_every, 0)
     one_of("run.gradient", run.gradient, ("auto", "closed_form", "autograd"))
+    one_of("run.compile", run.compile, ("auto", "on", "off"))
     one_of("run.on_divergence", run.on_divergence, ("freeze", "error"))
     positive_finite("run.rank_tol", run.rank_tol)
     positive_finite("run.checkpoint_minutes", run.checkpoint_minutes)

@@ -12,6 +12,7 @@ trajectory.npz gets every observable as an array (T, B[, k]) — analysis reads 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -104,8 +105,14 @@ def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    text = json.dumps(data, indent=2, default=_jsonable, allow_nan=True)
-    atomic_write_bytes(path, lambda h: h.write(text.encode()))
+    """Encoded as it is written (json.dump): the text of a summary with per-replica lists at a
+    million replicas is gigabytes, never held whole in memory."""
+    def write(handle) -> None:
+        text = io.TextIOWrapper(handle, encoding="utf-8")
+        json.dump(data, text, indent=2, default=_jsonable, allow_nan=True)
+        text.flush()
+        text.detach()          # the handle stays open for atomic_write_bytes's fsync
+    atomic_write_bytes(path, write)
 
 
 def _jsonable(value: Any) -> Any:
@@ -163,34 +170,6 @@ def aggregate(values: np.ndarray, band: bool = False) -> dict[str, float]:
     if band:
         rows.update(band_rows(np.asarray(values, dtype=np.float64)[None], rows["mean"]))
     return {k: float(v[0]) for k, v in rows.items()}
-
-
-class Trajectory:
-    """The logged rows, kept in memory (at most run.log_points of them) and saved as npz."""
-
-    def __init__(self, rows: list[dict[str, np.ndarray]] | None = None):
-        self.rows = rows or []
-
-    def append(self, row: dict[str, np.ndarray]) -> None:
-        self.rows.append(row)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        keys = list(self.rows[0]) if self.rows else []
-        return {key: np.stack([row[key] for row in self.rows]) for key in keys
-                if all(key in row for row in self.rows)}
-
-    @classmethod
-    def load(cls, path: Path, rows: int) -> Trajectory:
-        """The first `rows` logged rows of a saved trajectory."""
-        if rows == 0:
-            return cls()
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
-        return cls([{key: value[i] for key, value in arrays.items()} for i in range(rows)])
-
-    def save(self, path: Path) -> None:
-        arrays = self.arrays()
-        atomic_write_bytes(path, lambda h: write_npz(h, arrays))
 
 
 def masked_crc32c(data: bytes) -> int:

@@ -32,7 +32,10 @@ from .registry import Registry
 from .tasks import minibatch_units
 
 # name → Option(build = (cfg.optim, params, generator) -> Optimizer, check, schema, extra):
-# extra["kernel"] = (optimizer, state, grads, draws, view) -> None, the rule for the fast path.
+# extra["kernel"] = (optimizer, state, grads, draws, view) -> None, the rule for the fast path;
+# extra["drift"] = (params, grads, lr, weight_decay) -> new params, its deterministic part out of
+# place (run.compile traces it), and extra["noise"] = (optimizer, state, draws, view) -> None the
+# rest, added eagerly after the drift (kernel = drift, then noise).
 # The exact flows register here too (dynamics/flows.py), with extra["dynamics"].
 OPTIMISERS = Registry("optim.name")
 
@@ -58,6 +61,24 @@ def langevin_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: floa
             p.mul_(1 - lr * weight_decay)
         p.add_(g, alpha=-lr)
     noise.add_(params, math.sqrt(2 * lr / beta), generator, draws, same if view is None else view)
+
+
+def sgd_drift(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, weight_decay: float) -> list[Tensor]:
+    """`sgd_update_` out of place, the same ops (g + λW, then W − lr·g): what torch.compile traces
+    (dynamics/compiled.py). Traced in place (`torch._foreach_add_` on the compiled function's
+    inputs), torch 2.13 compiled a wrong step (a relative error of 1e-3 after one step on the
+    planes layout); out of place it matches the eager kernel to rounding."""
+    if weight_decay:
+        grads = [torch.add(g, p, alpha=weight_decay) for p, g in zip(params, grads)]
+    return [torch.add(p, g, alpha=-lr) for p, g in zip(params, grads)]
+
+
+def langevin_drift(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, weight_decay: float) -> list[Tensor]:
+    """The drift of `langevin_update_` out of place, the same ops ((1 − lr λ) W − lr ∂L/∂W);
+    the noise term is added after it, eagerly (it draws from a generator). See `sgd_drift`."""
+    if weight_decay:
+        params = [p * (1 - lr * weight_decay) for p in params]
+    return [torch.add(p, g, alpha=-lr) for p, g in zip(params, grads)]
 
 
 def group_rmsprop_update_(params: Sequence[Tensor], grads: Sequence[Tensor], second_moment: Tensor, lr: float,
@@ -421,13 +442,20 @@ def _langevin_kernel(optimizer: Langevin, state, grads, draws=None, view=None) -
     optimizer.update_(state, grads, draws=draws, view=view)
 
 
-@OPTIMISERS.register("gd", schema=GdConfig, check=_check_rule, kernel=_sgd_kernel)
+def _langevin_noise(optimizer: Langevin, state, draws=None, view=None) -> None:
+    """What `_langevin_kernel` adds after its drift: the noise term's sqrt(2 lr/β) × its noise."""
+    group = optimizer.param_groups[0]
+    optimizer.term.add_(state, math.sqrt(2 * group["lr"] / group["beta"]), optimizer.generator, draws,
+                        same if view is None else view)
+
+
+@OPTIMISERS.register("gd", schema=GdConfig, check=_check_rule, kernel=_sgd_kernel, drift=sgd_drift)
 def _gd(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:
     """State: none."""
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0, weight_decay=cfg.weight_decay)
 
 
-OPTIMISERS.register("sgd", schema=SgdConfig, check=_check_rule, kernel=_sgd_kernel)(_gd)
+OPTIMISERS.register("sgd", schema=SgdConfig, check=_check_rule, kernel=_sgd_kernel, drift=sgd_drift)(_gd)
 
 
 @OPTIMISERS.register("momentum", schema=MomentumConfig, check=_check_momentum)
@@ -470,7 +498,8 @@ def _group_rmsprop(cfg: Any, params: list[Tensor], generator: torch.Generator | 
     return GroupRMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-@OPTIMISERS.register("langevin", schema=LangevinConfig, check=_check_langevin, kernel=_langevin_kernel)
+@OPTIMISERS.register("langevin", schema=LangevinConfig, check=_check_langevin, kernel=_langevin_kernel,
+                     drift=langevin_drift, noise=_langevin_noise)
 def _langevin(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:
     """State: none but the generator (checkpointed by the dynamics)."""
     return Langevin(params, lr=cfg.lr, beta=cfg.beta, weight_decay=cfg.weight_decay, generator=generator,

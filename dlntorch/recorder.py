@@ -129,8 +129,8 @@ class Recorder:
         """The step of the latest logged time, observed or not; None before the first."""
         if self.pending:
             return self.pending[-1][0]
-        rows = self.state.trajectory.rows
-        return int(rows[-1]["step"]) if rows else None
+        last = self.state.trajectory.last
+        return None if last is None else int(last["step"])
 
     def rows(self, snapshots: list[tuple]) -> list[dict[str, np.ndarray]]:
         """The logged rows of snapshots, observed as one batch of K·B replicas."""

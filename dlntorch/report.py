@@ -40,7 +40,7 @@ def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, o
     aggregates = {k: aggregate(np.where(live, v, np.nan), band=stochastic) for k, v in final.items()
                   if v.ndim == 1 and k not in ("step", "t", "diverged")}
     # first passage below the stop level (1e-8 when the run has none) and rank jumps
-    events = summarise_events(s.trajectory.arrays(), cfg.run.stop_energy or 1e-8)
+    events = trajectory_events(s.trajectory, cfg.run.stop_energy or 1e-8)
     aggregates["convergence_time"] = aggregate(np.where(live, events["convergence_time"], np.nan))
     return {
         "status": "completed" if live.any() else "diverged",
@@ -82,6 +82,19 @@ def converged_level(cfg: DictConfig, shape: tuple[int, int], stochastic: bool) -
     beta = cfg.optim.get("beta") if stochastic else None
     thermal = shape[0] * shape[1] / float(beta) if beta else 0.0
     return float(cfg.run.converged_energy) + thermal
+
+
+EVENT_BLOCK = 1 << 16       # replicas whose time series summarise_events holds at once
+
+
+def trajectory_events(trajectory: Any, energy_level: float) -> dict[str, list]:
+    """summarise_events over the whole trajectory, EVENT_BLOCK replicas at a time (read from the
+    row files), so that its memory does not grow with T × B."""
+    names = [n for n in ("energy", "singular_values") if n in trajectory.columns]
+    t, replicas = trajectory.array("t"), trajectory.last["energy"].shape[0]
+    parts = [summarise_events({"t": t, **{n: trajectory.replicas(n, slice(b, b + EVENT_BLOCK)) for n in names}},
+                              energy_level) for b in range(0, replicas, EVENT_BLOCK)]
+    return {key: [x for part in parts for x in part[key]] for key in parts[0]}
 
 
 def stopped_by(cfg: DictConfig, state: Any, live: np.ndarray, total_steps: int) -> str:

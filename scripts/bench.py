@@ -28,6 +28,10 @@ Sections (CPU unless said):
      the share of a step spent in the fibre's projection solve (the normal equations of
      dlntorch.fibre.minimum_norm_generator), and the cost of the SVD of τ (the fallback) against
      that solve (`--sections 6`).
+  7  run.compile: the compiled GD step at B = 4096 (planes) against the eager one, and the compile time.
+  8  streaming trajectory: peak RSS (getrusage) of whole default-task runs in child processes, the
+     per-replica slope, the largest B in --memory-budget-gb, 200 logged rows against 21
+     (--stream-million: B = 1e6 too).
 
     python scripts/bench.py --quick                  # smoke run, well under a minute
     python scripts/bench.py --json outputs/bench.json  # the full table (a few minutes on 2 cores)
@@ -56,11 +60,13 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="section 4 runs on CUDA when this is cuda or auto and CUDA is present")
-    ap.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated subset of 1,2,3,4,5,6")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated subset of 1,…,8")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; quick 3)")
     ap.add_argument("--memory-budget-gb", type=float, default=8.0, help="CPU memory budget for 'largest B'")
     ap.add_argument("--peak-bandwidth", type=float, default=4.3e12, help="the card's memory bandwidth, B/s")
     ap.add_argument("--probe", nargs=3, metavar=("CASE", "B", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--run-probe", nargs=2, type=int, metavar=("B", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--stream-million", action="store_true", help="section 8 also runs B = 1e6 (minutes)")
     return ap.parse_args(argv)
 
 
@@ -273,7 +279,7 @@ def logging_overhead(case: list[str], label: str, B: int, repeats: int) -> dict:
         with_log.append(time.perf_counter() - t0)
         acc = {LOGGING_PHASES[k]: v for k, v in watch.seconds.items() if k in LOGGING_PHASES}
         parts = {k: min(v, parts.get(k, math.inf)) for k, v in acc.items()}
-        steps, points = summary["steps"], len(lab.state.trajectory.rows)
+        steps, points = summary["steps"], len(lab.state.trajectory)
         bare = make_lab(*case, f"replicas={B}", out=f"nolog{label}{B}-{i}")
         cfg, s = bare.cfg, bare.state
         t0 = time.perf_counter()
@@ -726,6 +732,88 @@ def section_noise(repeats: int, chunk_s: float, quick: bool) -> dict:
     return {name: {k: v for k, v in r.items() if k != "all"} for name, r in result.items()}
 
 
+# ------------------------------------------------------------------------------ section 7
+
+def section_compile(repeats: int, chunk_s: float, quick: bool) -> dict:
+    """run.compile: the lab's loop at B = 4096 (seed 2x2, depth 3, GD: the planes layout), eager
+    against compiled, interleaved; the compile's cost is the first compiled step's wall time."""
+    print("\n[7] run.compile: compiled against eager GD step (CPU)", flush=True)
+    B = 4096
+    eager = make_lab(*SEED, f"replicas={B}", "run.compile=off", out="compile-eager")
+    fast = make_lab(*SEED, f"replicas={B}", "run.compile=on", out="compile-on")
+    started = time.perf_counter()
+    fast.dynamics.advance(1)                     # compiles (a warm inductor cache makes it seconds)
+    first = time.perf_counter() - started
+    if not fast.dynamics.compiles:
+        return row("7 compile", f"compiled GD step at B={B} / eager", float("nan"), "x", "≥ 1.8x", False,
+                   note="torch.compile failed here: the run fell back to eager (see the warning)")
+    res = race({"eager": LabLoop(eager), "compiled": LabLoop(fast)}, "cpu", repeats, chunk_s)
+    ratio = res["eager"]["min"] / res["compiled"]["min"]
+    print(f"  compile time {fast.dynamics.compile_seconds:.1f} s (first step {first:.1f} s)", flush=True)
+    row("7 compile", f"compile time, GD step at B={B} ({fast.dynamics.layout})", fast.dynamics.compile_seconds, "s",
+        note="the first compiled step's wall time; a cold inductor cache costs several times a warm one")
+    return row("7 compile", f"compiled GD step at B={B} ({fast.dynamics.layout}) / eager step", ratio, "x", "≥ 1.8x",
+               ratio >= 1.8, note=f"eager {res['eager']['min'] * 1e6:.0f} µs, compiled "
+                                  f"{res['compiled']['min'] * 1e6:.0f} µs per step (loop with stop checks)")
+
+
+# ------------------------------------------------------------------------------ section 8
+
+def run_probe(B: int, steps: int) -> None:
+    """Child process: one whole default-task run (`python -m dlntorch replicas=B run.steps=steps`,
+    default logging: TensorBoard, trajectory.npz, summary.json) and its peak RSS (getrusage)."""
+    import resource
+
+    from dlntorch.train import run
+    started = time.perf_counter()
+    summary = run(config(f"replicas={B}", f"run.steps={steps}", out=f"stream-{B}-{steps}"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rows = len(np.load(TMP / f"stream-{B}-{steps}" / "trajectory.npz")["t"])
+    print(json.dumps({"peak_kib": peak // 1024 if sys.platform == "darwin" else peak, "rows": rows,
+                      "wall_s": time.perf_counter() - started, "steps": summary["steps"]}))
+
+
+def run_probes_serially(specs: list[tuple[int, int]]) -> dict:
+    """One child at a time (a whole run at large B takes both cores' memory bandwidth)."""
+    out = {}
+    for B, steps in specs:
+        done = subprocess.run([sys.executable, __file__, "--threads", str(ARGS.threads), "--run-probe", str(B),
+                               str(steps)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"run probe B={B} steps={steps} failed: {done.stderr[-2000:]}")
+        out[(B, steps)] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def section_streaming(quick: bool) -> dict:
+    """Peak RSS of whole default-task runs: at two B over a short run (the per-replica slope and
+    the largest B in --memory-budget-gb; --stream-million: the larger B is 1e6, minutes), and
+    the small B over 174 logged rows against 6 (streamed rows: the peak no longer grows with them
+    by rows × B × row bytes)."""
+    print("\n[8] streaming trajectory: peak RSS of whole runs (CPU)", flush=True)
+    budget = ARGS.memory_budget_gb * 2 ** 30
+    small, large = (2000, 20000) if quick else (10000, 10 ** 6 if ARGS.stream_million else 100000)
+    short = 5                   # steps: 6 logged rows (at large B the peak does not depend on their count)
+    probes = run_probes_serially([(small, short), (large, short), (small, 2000)])
+    p1, p2, long = probes[(small, short)], probes[(large, short)], probes[(small, 2000)]
+    per = (p2["peak_kib"] - p1["peak_kib"]) * 1024 / (large - small)
+    fixed = p1["peak_kib"] * 1024 - per * small
+    largest = int((budget - fixed) / per)
+    row("8 streaming", "peak RSS per replica, whole default run", per, "B",
+        note=f"slope between B={small} and B={large} ({p1['rows']} logged rows); fixed {fixed / 2 ** 20:.0f} MiB")
+    row("8 streaming", f"peak RSS, {long['rows']} logged rows / {p1['rows']} (B={small})",
+        long["peak_kib"] / p1["peak_kib"], "x",
+        note=f"{long['peak_kib'] / 1024:.0f} MiB vs {p1['peak_kib'] / 1024:.0f} MiB: rows are streamed; what "
+             "grows is the recorder's batched observe (up to FLUSH_ELEMENTS snapshot entries at once)")
+    row("8 streaming", f"largest B of a whole default run in {ARGS.memory_budget_gb:g} GiB", largest, "replicas",
+        "≥ 5e6", largest >= 5e6, note="from the slope; the logged rows' count does not enter")
+    out = {"per_replica_bytes": per, "fixed_bytes": fixed, "largest_B": largest,
+           "probes": {f"B={B} steps={steps}": p for (B, steps), p in probes.items()}}
+    row("8 streaming", f"peak RSS, whole default run at B={large:.0e}", p2["peak_kib"] / 2 ** 20, "GiB",
+        note=f"{p2['rows']} logged rows, {p2['wall_s']:.0f} s")
+    return out
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -742,6 +830,9 @@ def main() -> int:
     if ARGS.probe:
         case, B, steps = ARGS.probe
         probe(case, int(B), int(steps))
+        return 0
+    if ARGS.run_probe:
+        run_probe(*ARGS.run_probe)
         return 0
     quick = ARGS.quick
     repeats = ARGS.repeats or (3 if quick else 7)
@@ -765,6 +856,10 @@ def main() -> int:
         details["flows"] = section_flows(quick)
     if "6" in sections:
         details["noise"] = section_noise(repeats, chunk_s, quick)
+    if "7" in sections:
+        details["compile"] = section_compile(repeats, chunk_s, quick)
+    if "8" in sections:
+        details["streaming"] = section_streaming(quick)
     wall = time.perf_counter() - started
     print()
     print_table(ROWS)

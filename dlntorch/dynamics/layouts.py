@@ -6,7 +6,7 @@ planes: a copy with the replica axis last and contiguous, (d_out, d_in, B); C = 
         faster than B tiny matmuls for small widths and many replicas.
 The update kernels (dlntorch.optim) and the chain rule (network.factor_gradients) run on
 either: they are given the layout's `mm` and `T`, and its `view` of tensors drawn in the
-parameters' shape.
+parameters' shape. `mm(a, b)` without `out` is the same product out of place (run.compile).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _key(factors: list[Tensor]) -> list[tuple]:
     return [(f.shape, f.dtype, f.device, f.data_ptr()) for f in factors]
 
 
-def _bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+def _bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.bmm(a, b, out=out)
 
 
@@ -65,7 +65,13 @@ def _batch_T(x: Tensor) -> Tensor:
     return x.mT
 
 
-def _planes_mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+def _planes_mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """Into `out`, or (None) out of place with the same ops, for torch.compile to trace."""
+    if out is None:
+        out = a[:, 0:1] * b[0:1]
+        for k in range(1, a.shape[1]):
+            out = torch.addcmul(out, a[:, k:k + 1], b[k:k + 1])
+        return out
     torch.mul(a[:, 0:1], b[0:1], out=out)
     for k in range(1, a.shape[1]):
         out.addcmul_(a[:, k:k + 1], b[k:k + 1])

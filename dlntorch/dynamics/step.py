@@ -11,8 +11,9 @@ from torch import Tensor
 from .. import compat
 from ..budget import total_steps
 from ..network import DeepLinearNetwork, chain, factor_gradients
-from ..optim import build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
+from ..optim import OPTIMISERS, build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
 from ..tasks import Reshuffled, Task
+from . import compiled
 from .base import Dynamics
 from .graphs import CapturedSteps
 from .layouts import Workspace
@@ -54,6 +55,11 @@ class StepDynamics(Dynamics):
       on CUDA, plain `gd` at constant lr replays `graph_steps` steps captured once as a CUDA graph (one launch
       instead of ~20 per step: tiny matrices are launch-bound); any other case, and the remainder
       of a chunk, runs eagerly — the same kernels, so the eager path is the fallback.
+    - `run.compile` (auto | on | off; dynamics/compiled.py): the fused step's gradients and drift
+      through torch.compile, out of place, written back into the layout's state; the draws
+      (weights, label noise, rule noise) stay eager, in the same order. `auto` decides from the
+      run's steps, replicas and widths (a fixed rule, like the layout); a compile that fails
+      leaves the eager path with one warning. Compiled steps take precedence over CUDA graphs.
     """
 
     PLANES_MAX_WIDTH = 6        # planes: every width ≤ this …
@@ -93,6 +99,12 @@ class StepDynamics(Dynamics):
         self.graph_steps = graph_steps
         self._work: Workspace | None = None
         self._graph: CapturedSteps | None = None
+        extra = OPTIMISERS[self.name].extra
+        setting = cfg.run.get("compile", "off")
+        self.compiles = self.fused and "drift" in extra and setting != "off" and compiled.decide(
+            setting, _run_steps(cfg) if setting == "auto" else 0, net.replicas, net.widths, layout)
+        self._drift, self._noise = extra.get("drift"), extra.get("noise")
+        self._compiled: compiled.CompiledStep | None = None   # built with the workspace it closes over
 
     # -- the loop's interface ---------------------------------------------------------
     def advance(self, steps: int) -> None:
@@ -106,7 +118,8 @@ class StepDynamics(Dynamics):
             state = self._state_in()
             if not self.fused:
                 for _ in range(steps):
-                    for param, grad in zip(self.params, self._gradients(state, self._weights())):
+                    weights = self._weights()
+                    for param, grad in zip(self.params, self._gradients(state, weights, self._label_noise())):
                         param.grad = grad
                     self.optimizer.step()
                     self._tick()
@@ -150,6 +163,12 @@ class StepDynamics(Dynamics):
     def task_changed(self) -> None:
         # a captured CUDA graph holds the task's loss coefficient as a constant: capture anew
         self._graph = None
+        self._compiled = None
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """The wall time of the first compiled step (the compile's cost); None if none ran."""
+        return None if self._compiled is None else self._compiled.seconds
 
     @property
     def beta(self) -> float | None:
@@ -197,7 +216,7 @@ class StepDynamics(Dynamics):
         factors = [p.detach() for p in self.params]
         if self._work is None or self._work.stale(factors):
             self._work = Workspace(factors, self.layout)
-            self._graph = None
+            self._graph = self._compiled = None
         work = self._work
         if self.layout == "batch":
             return factors
@@ -224,24 +243,45 @@ class StepDynamics(Dynamics):
         return self.task.label_noise(self.net.replicas, self.label_sigma, self.generator) if self.label_sigma else None
 
     # -- closed-form gradients ------------------------------------------------------------
-    def _gradients(self, state: list[Tensor], weights: Tensor | None) -> list[Tensor]:
+    def _gradients(self, state: list[Tensor], weights: Tensor | None, noise: Tensor | None) -> list[Tensor]:
         """∂L/∂W_p for all p by the chain rule on the working layout, into the workspace."""
-        work, noise = self._work, self._label_noise()
-        return factor_gradients(state, lambda W: work.from_task(self.task.gradient(work.to_task(W), weights, noise)),
-                                work.mm, work.T, work)
+        return factor_gradients(state, lambda W: self._task_gradient(W, weights, noise), self._work.mm,
+                                self._work.T, self._work)
+
+    def _task_gradient(self, W: Tensor, weights: Tensor | None, noise: Tensor | None) -> Tensor:
+        """∇E at the product W, both in the working layout."""
+        work = self._work
+        return work.from_task(self.task.gradient(work.to_task(W), weights, noise))
 
     def _fused_steps(self, state: list[Tensor], steps: int) -> None:
         work, kernel, optimizer = self._work, self.kernel, self.optimizer
         draws = work.noise if self._draws else None
+        if self.compiles and self._compiled is None:
+            self._compiled = compiled.CompiledStep(compiled.drift_step(self._task_gradient, work.mm, work.T,
+                                                                       self._drift))
         for _ in range(steps):
-            kernel(optimizer, state, self._gradients(state, self._weights()), draws, work.view)
+            weights, noise = self._weights(), self._label_noise()   # drawn in this order on every path
+            if not (self.compiles and self._compiled_step(state, weights, noise, draws)):
+                kernel(optimizer, state, self._gradients(state, weights, noise), draws, work.view)
             self._tick()
+
+    def _compiled_step(self, state: list[Tensor], weights: Tensor | None, noise: Tensor | None,
+                       draws: list[Tensor] | None) -> bool:
+        """One step by the compiled drift, then the rule's noise eagerly; False (nothing done)
+        once compiling has failed, and from then on the dynamics stays eager."""
+        group = self.optimizer.param_groups[0]
+        if not self._compiled(state, weights, noise, group["lr"], group["weight_decay"]):
+            self.compiles = False
+            return False
+        if self._noise is not None:
+            self._noise(self.optimizer, state, draws, self._work.view)
+        return True
 
     # -- CUDA graphs --------------------------------------------------------------------
     def _graphs_apply(self) -> bool:
         # a captured graph bakes in its lr: only at constant lr (no schedule) and without label noise
         return (self.cuda_graphs and self.name == "gd" and self.scheduler is None and not self.label_sigma
-                and self.params[0].device.type == "cuda")
+                and self.params[0].device.type == "cuda" and not self.compiles)
 
     def _replay(self, state: list[Tensor], steps: int) -> int:
         """Replay the captured `graph_steps` steps as often as they fit; returns the steps done.
@@ -257,3 +297,9 @@ class StepDynamics(Dynamics):
                 self.cuda_graphs = False
                 return 0
         return self._graph.replay(steps)
+
+
+def _run_steps(cfg: Any) -> int:
+    """The run's step budget (run.compile=auto's estimate reads it)."""
+    from ..config import total_steps
+    return total_steps(cfg)
