@@ -102,7 +102,7 @@ class StepDynamics(Dynamics):
         extra = OPTIMISERS[self.name].extra
         setting = cfg.run.get("compile", "off")
         self.compiles = self.fused and "drift" in extra and setting != "off" and compiled.decide(
-            setting, _run_steps(cfg) if setting == "auto" else 0, net.replicas, net.widths, layout)
+            setting, total_steps(cfg) if setting == "auto" else 0, net.replicas, net.widths, layout)
         self._drift, self._noise = extra.get("drift"), extra.get("noise")
         self._compiled: compiled.CompiledStep | None = None   # built with the workspace it closes over
 
@@ -298,8 +298,3 @@ class StepDynamics(Dynamics):
                 return 0
         return self._graph.replay(steps)
 
-
-def _run_steps(cfg: Any) -> int:
-    """The run's step budget (run.compile=auto's estimate reads it)."""
-    from ..config import total_steps
-    return total_steps(cfg)
