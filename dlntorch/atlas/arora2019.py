@@ -40,7 +40,7 @@ def authors_rmsprop(depth: int, size: int) -> dict:
     the lab's by √(Σ_p ‖g_p‖² / P) + eps with P = N·n² parameters, so the same step is the lab's
     with lr and eps divided by √P. (Theirs also corrects v for its zero start, v/(1 − α^t); the
     lab's does not, so its first ~300 steps are up to 1/√(1 − α^t) larger: 10x at t = 1, 1.3x at
-    t = 100, 1.02x at t = 300.)"""
+    t = 100, 1.03x at t = 300.)"""
     root = math.sqrt(depth * size * size)
     return {"name": "group_rmsprop", "lr": AUTHORS_LR / root, "eps": AUTHORS_EPS / root, "alpha": 0.99}
 
