@@ -247,6 +247,23 @@ def test_hold_converged_stops_each_replica_below_the_stop_energy(make_cfg, optim
     assert held["gradient_evaluations"] < free["gradient_evaluations"]
 
 
+def test_the_planes_velocity_is_the_batched_one():
+    """The per-replica flow's replica-last chain rule (many replicas, small widths) against the
+    batched one, on rectangular widths with weight decay: the same sums in the same order up to
+    rounding, so 1e-13 of the O(1) entries (float64)."""
+    from dlntorch.dynamics.flows import upstairs_velocity, upstairs_velocity_planes
+    from dlntorch.tasks import Seed2x2
+    g = torch.Generator().manual_seed(0)
+    widths, B = [2, 3, 1, 4, 2], 600
+    factors = [torch.randn(B, widths[p + 1], widths[p], generator=g, dtype=torch.float64) for p in range(4)]
+    task = Seed2x2()
+    batched = upstairs_velocity(factors, task.gradient, 0.1)
+    planes = upstairs_velocity_planes(factors, task.gradient, 0.1)
+    for a, b in zip(planes, batched):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
 def test_hold_converged_needs_per_replica_control(make_cfg):
     from dlntorch.errors import ConfigError
     from dlntorch.train import run
