@@ -171,8 +171,9 @@ def plot(book, rows, depths, scales) -> None:
                     continue
                 x = [r[xkey] if scale_of == "product" else r["scale"] for r in mine]
                 y = np.array([r["fraction"] for r in mine])
-                err = np.array([[r["fraction"] - r["wilson_low"] for r in mine],
-                                [r["wilson_high"] - r["fraction"] for r in mine]])
+                # clipped at 0: at k = n the interval's upper end can round to just below 1
+                err = np.clip([[r["fraction"] - r["wilson_low"] for r in mine],
+                               [r["wilson_high"] - r["fraction"] for r in mine]], 0, None)
                 ax.errorbar(x, y, yerr=err, fmt=style, color=f"C{i}", capsize=3,
                             label=f"N={depth} {optim}" if scale_of == "product" else None)
         ax.set_xscale("log")
