@@ -30,7 +30,7 @@ TILT = {"diagonal": 1e-3, "symmetric": 0.0, "random": 0.0}
 # points stepped on to t = 1000 at their stability limit: 36 s against 6 s for one 32 × 32 run),
 # and the chain rule on replica-last planes for many replicas (dynamics.flows), make a 256 × 256
 # run 12–126 s here (2-core CPU shared with other jobs): the 18 runs took 16 min 43 s. Looser
-# tolerances would halve that, but at rtol 1e-8 about 3 % of the symmetric plane's points at
+# tolerances would halve that, but at rtol 1e-8 2–3 % of the symmetric plane's points at
 # N = 2 change class (64 × 64 grids), so the flow's default rtol 1e-10 / atol 1e-12 is kept.
 FULL_POINTS = 256
 
