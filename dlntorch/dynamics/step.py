@@ -16,7 +16,7 @@ from ..tasks import Reshuffled, Task
 from . import compiled
 from .base import Dynamics
 from .graphs import CapturedSteps
-from .layouts import Workspace
+from .layouts import Workspace, planes_pay
 
 
 class StepDynamics(Dynamics):
@@ -62,9 +62,6 @@ class StepDynamics(Dynamics):
       leaves the eager path with one warning. Compiled steps take precedence over CUDA graphs.
     """
 
-    PLANES_MAX_WIDTH = 6        # planes: every width ≤ this …
-    PLANES_MIN_REPLICAS = 512   # … and at least this many replicas (crossovers measured on a CPU)
-
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task, seed: int,
                  layout: str | None = None, cuda_graphs: bool | None = None, graph_steps: int = 16):
         super().__init__(cfg.optim.lr)
@@ -89,8 +86,7 @@ class StepDynamics(Dynamics):
         self.fused = self.kernel is not None
         self._draws = getattr(self.optimizer, "term", None) is not None   # the rule draws noise
         if layout is None:
-            small = max(net.widths) <= self.PLANES_MAX_WIDTH and net.replicas >= self.PLANES_MIN_REPLICAS
-            layout = "planes" if self.fused and small else "batch"
+            layout = "planes" if self.fused and planes_pay(net.widths, net.replicas) else "batch"
         if layout not in ("batch", "planes") or (layout == "planes" and not self.fused):
             raise ValueError(f"layout={layout!r} is not allowed here: 'batch', or 'planes' with an update rule that "
                              "has a kernel (gd, sgd, langevin with isotropic noise) and closed-form gradients.")
