@@ -50,9 +50,14 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, we
 
 def langevin_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, beta: float,
                      weight_decay: float, noise: NoiseTerm, generator: torch.Generator | None,
-                     draws: Sequence[Tensor] | None = None, view: View | None = None) -> None:
+                     draws: Sequence[Tensor] | None = None, view: View | None = None,
+                     state: dict | None = None) -> None:
     """Unadjusted Langevin: W ← (1 − lr λ) W − lr ∂L/∂W, then the noise term adds
-    sqrt(2 lr/β) × its noise (see dlntorch.noise)."""
+    sqrt(2 lr/β) × its noise (see dlntorch.noise); a `whole_step` term (balanced on d×d factors)
+    takes the whole step from the gradients in its own coordinates, keeping `state` (its counts)."""
+    if noise.whole_step:
+        noise.step_(params, grads, lr, beta, generator, {} if state is None else state)
+        return
     for p, g in zip(params, grads):
         if weight_decay:   # W − lr(g + λW) = (1 − lr λ) W − lr g
             p.mul_(1 - lr * weight_decay)
@@ -123,7 +128,7 @@ class Langevin(Optimizer):
         """The kernel with this optimizer's hyper-parameters and noise (the fast path calls it too)."""
         group = self.param_groups[0] if group is None else group
         langevin_update_(params, grads, group["lr"], group["beta"], group["weight_decay"], self.term,
-                         self.generator, draws, view)
+                         self.generator, draws, view, self.state[params[0]] if params else None)
 
 
 class GroupRMSprop(Optimizer):
