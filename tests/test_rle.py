@@ -94,11 +94,11 @@ def test_the_chain_metric_of_m0_projects_to_the_downstairs_metric():
 
 
 def test_rle_spectral_energy_has_the_predicted_singular_value_law():
-    """2x2, N = 3, β = 4, E = ½Σ(s_i − 1)² (spectral): after t = 2 (≈ 6 relaxation times of the
-    drift −h_i (s_i − 1), h ≈ 3) the histogram of σ_k = s_k^{1/3} over 2000 replicas against the
-    marginals of p(σ), χ² below its 99.9 % quantile for each k (fixed seeds)."""
+    """2x2, N = 3, β = 4, E = ½Σ(s_i − 1)² (spectral): after t = 4 (σ_2 = s_2^{1/3} relaxes slowest,
+    t = 2 was measured short of it) the histogram of σ_k over 2000 replicas against the marginals of
+    p(σ), χ² below its 99.9 % quantile for each k (fixed seeds)."""
     N, beta = 3, 4.0
-    W, _ = run_rle(positive_starts(2000, 0), spectral_gradient, N, beta, 0.01, 200, seed=1)
+    W, _ = run_rle(positive_starts(2000, 0), spectral_gradient, N, beta, 0.01, 400, seed=1)
     sigma = torch.linalg.svdvals(W).numpy() ** (1 / N)
     x, p = sigma_density(N, beta, lambda s1, s2: -beta * 0.5 * ((s1 - 1) ** 2 + (s2 - 1) ** 2), top=1.8)
     for k in range(2):
@@ -120,9 +120,9 @@ def bessel_log_weight(beta):
 def test_rle_non_spectral_energy_moves_the_singular_vectors_right():
     """E = ½‖W − Y‖² (its value depends on U and V): the singular-value law after integrating the
     singular vectors out (two Bessel functions) is matched only if the rotations and their coupling
-    to s are right. N = 2, β = 2, 2000 replicas to t = 2; χ² per σ_k below the 99.9 % quantile."""
+    to s are right. N = 2, β = 2, 2000 replicas to t = 4; χ² per σ_k below the 99.9 % quantile."""
     N, beta = 2, 2.0
-    W, _ = run_rle(positive_starts(2000, 2), lambda W: W - Y, N, beta, 0.01, 200, seed=3)
+    W, _ = run_rle(positive_starts(2000, 2), lambda W: W - Y, N, beta, 0.01, 400, seed=3)
     assert bool((torch.linalg.det(W) > 0).all())            # the reflection keeps det W's sign
     sigma = torch.linalg.svdvals(W).numpy() ** (1 / N)
     x, p = sigma_density(N, beta, bessel_log_weight(beta), top=2.2)
@@ -143,11 +143,11 @@ def factor_gradients_of(factors, gradient):
 
 def test_balanced_stays_on_m0_and_its_product_has_the_rle_law():
     """noise=balanced on 2x2 factors, N = 2, β = 2, E = ½‖W − Y‖²: every G_p = 0 to 1e-12 after
-    200 steps, and the product's singular values have the RLE's law (the same χ² test as rle)."""
+    400 steps, and the product's singular values have the RLE's law (the same χ² test as rle)."""
     N, beta, h = 2, 2.0, 0.01
     factors = balanced_start(2000, N, 4)
     gen = torch.Generator().manual_seed(5)
-    for _ in range(200):
+    for _ in range(400):
         factors, _ = balanced_step(factors, factor_gradients_of(factors, lambda W: W - Y), beta, h, gen)
     scale = max(float(f.square().sum((-2, -1)).max()) for f in factors)
     assert max(float(G.abs().max()) for G in balancedness_of(factors)) <= 1e-12 * scale
@@ -172,28 +172,33 @@ def test_balanced_at_depth_three_keeps_m0_and_moves_the_hidden_frames():
 
 def test_at_large_beta_rle_follows_the_downstairs_flow():
     """β = 1e12: the noise (~1e-6 over t = 0.5) and the 1/β drift vanish, and rle's Euler steps
-    (h = 1e-3) follow the g^N gradient flow dW/dt = −A_N(∇E) to O(h): within 5e-3."""
+    follow the g^N gradient flow dW/dt = −A_N(∇E) to O(h): measured 1.9e-3 at h = 1e-3 and 9.4e-4
+    at h = 5e-4 (N = 2); asserted below 5e-3, and halving with h (ratio in [0.4, 0.6])."""
     from dlntorch.dynamics.flows import integrate_downstairs
     W0 = positive_starts(16, 8)
     for N in (2, 3):
-        W, _ = run_rle(W0, lambda W: W - Y, N, 1e12, 1e-3, 500, seed=9)
         path, _ = integrate_downstairs(W0, lambda W: W - Y, [0.0, 0.5], N)
-        error = float((W - path[-1]).abs().max())
-        assert error < 5e-3, (N, error)
+        errors = []
+        for h in (1e-3, 5e-4):
+            W, _ = run_rle(W0, lambda W: W - Y, N, 1e12, h, round(0.5 / h), seed=9)
+            errors.append(float((W - path[-1]).abs().max()))
+        assert errors[0] < 5e-3 and 0.4 < errors[1] / errors[0] < 0.6, (N, errors)
 
 
 def test_infinite_depth_is_the_limit_of_deep_rle_in_rescaled_time():
-    """N = inf (F = f_∞, r = log s, τ = N t) against N = 400 in τ (F = f_N/N) with the same draws:
-    the paths agree to O(1/N) (f_N/N − f_∞ = O(1/N)), 100 steps of h = 0.01."""
+    """N = inf (F = f_∞, r = log s, τ = N t) against N = 400 and 800 in τ (F = f_N/N) with the same
+    draws, 100 steps of h = 0.01: the distance falls like 1/N (measured 0.013 and 0.0066), the
+    limit the N = inf scheme is."""
     W0 = positive_starts(8, 10)
     paths = []
-    for clock in (Clock(math.inf), Clock(400, 1 / 400)):
+    for clock in (Clock(math.inf), Clock(400, 1 / 400), Clock(800, 1 / 800)):
         gen, W = torch.Generator().manual_seed(11), W0
         for _ in range(100):
             W, _ = rle_step(W, W - Y, 2.0, 0.01, clock, torch.randn(W.shape, generator=gen, dtype=f64))
         paths.append(W)
-    assert float((paths[0] - paths[1]).abs().max()) < 2e-2
-    assert float((paths[0] - W0).abs().max()) > 0.1
+    far, near = (float((paths[0] - W).abs().max()) for W in paths[1:])
+    assert far < 2e-2 and 0.4 < near / far < 0.6, (far, near)
+    assert float((paths[0] - W0).abs().max()) > 0.1          # it moved: the comparison is not vacuous
 
 
 def lab(make_cfg, *overrides, out="run"):
