@@ -128,7 +128,7 @@ class Langevin(Optimizer):
         """The kernel with this optimizer's hyper-parameters and noise (the fast path calls it too)."""
         group = self.param_groups[0] if group is None else group
         langevin_update_(params, grads, group["lr"], group["beta"], group["weight_decay"], self.term,
-                         self.generator, draws, view, self.state[params[0]] if params else None)
+                         self.generator, draws, view, self.state[params[0]] if self.term.whole_step else None)
 
 
 class GroupRMSprop(Optimizer):
