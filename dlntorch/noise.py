@@ -255,5 +255,7 @@ class Balanced(NoiseTerm):
         hits += hit.to(hits.dtype)
 
 
-def noise_term(name: str, kappa: float | None = None) -> NoiseTerm:
-    return NOISES[name].build(kappa) if name == "tangential" else NOISES[name].build()
+def noise_term(name: str, kappa: float | None = None, singular_threshold: float = 1e-6) -> NoiseTerm:
+    if name == "tangential":
+        return NOISES[name].build(kappa)
+    return NOISES[name].build(singular_threshold) if name == "balanced" else NOISES[name].build()

@@ -260,3 +260,17 @@ def test_balanced_runs_from_the_config_and_reports_hits(make_cfg):
                            "task.observations=4", "task.spectrum=[2,0.5]", "model.depth=3", "run.stop_energy=0"))
     assert summary["status"] == "completed" and len(summary["final"]["singular_hits"]) == 8
     assert max(summary["final"]["balancedness"]) < 1e-12
+
+
+COMMON = ("run.stop_energy=0", "run.log_points=10", "run.steps=400", "run.checkpoint_every=100", "optim.lr=0.005",
+          "optim.beta=2", "replicas=6", "init.scale_of=product", "task=completion", "task.size=2",
+          "task.observations=4", "task.spectrum=[2,0.5]", "optim.singular_threshold=0.1")
+
+
+@pytest.mark.parametrize("model", [("optim=rle",), ("optim=langevin", "optim.noise=balanced", "init=balanced")])
+def test_a_killed_run_resumes_bit_identically_with_its_hit_counts(killed_and_resumed, model):
+    whole, resumed = killed_and_resumed(*model, *COMMON)
+    assert resumed["steps"] == whole["steps"] == 400
+    assert resumed["final"]["singular_values"] == whole["final"]["singular_values"]
+    assert resumed["final"]["singular_hits"] == whole["final"]["singular_hits"]
+    assert whole["singular_hits"] > 0                       # the threshold 0.1 is reached: the count is exercised
