@@ -326,7 +326,7 @@ def figure(book: Notebook, rows, law, laws, grid) -> None:
     ax.plot(w, np.exp(-beta * (w - y) ** 2 / 2) * np.abs(w) ** (1 / N - 1) / norm, "k", lw=1.5,
             label="e^{−βE}|w|^{1/N−1}/Z")
     ax.set(xlabel="product w", ylabel="density", ylim=(0, 2.5),
-           title=f"(b) balanced, N={N}, β={beta:g}: χ²={law['chi2']:.0f}/{law['dof']}, p={law['p_value']:.2g}")
+           title=f"(b) balanced 1x1, N={N}, β={beta:g}: χ²={law['chi2']:.0f}/{law['dof']}")
     ax.legend(fontsize=9)
     for ax, (model, result) in zip(axes[1, 1:], laws.items()):
         for k, color in ((0, "C0"), (1, "C1")):
@@ -334,7 +334,7 @@ def figure(book: Notebook, rows, law, laws, grid) -> None:
                     label=f"σ_{k + 1} (χ²={result['tests'][k]['chi2']:.0f}/{result['tests'][k]['dof']})")
             ax.plot(result["x"], result["marginals"][k], color=color, lw=1.5)
         ax.set(xlabel="σ_k = s_k^{1/N} of the product", ylabel="density",
-               title=f"(b′) {model}, 2x2, N={MATRIX['depth']}, β={MATRIX['beta']:g}: histogram vs predicted (lines)")
+               title=f"(b′) {model}, 2x2, N={MATRIX['depth']}, β={MATRIX['beta']:g}: hist. vs law (lines)")
         ax.legend(fontsize=9)
     fig.tight_layout()
     book.figure(fig)
