@@ -27,7 +27,7 @@ from . import compat
 AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
 HEADLINE_AGGREGATES = ("median", "q10", "q90", "mean")     # what run.tb_tags=headline logs
 # the observables TensorBoard shows by default: what the custom-scalars charts need
-HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?")
+HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?|singular_hits")
 # and the conservation check: ‖G(t) − G(0)‖ is 0 under gradient flow, so its largest value over
 # the replicas says how far the steps have taken the run from it (its max alone, no replicas)
 CONSERVATION = "balancedness_drift"

@@ -219,6 +219,10 @@ def test_rle_runs_from_its_yaml_and_counts_singular_hits(make_cfg):
     trajectory = load_run(summary["out_dir"]).trajectory
     assert trajectory["singular_hits"].shape[1] == 8 and bool((np.diff(trajectory["singular_hits"], axis=0) >= 0).all())
     assert all(math.isfinite(x) for x in summary["final"]["free_energy"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(summary["out_dir"] + "/tb")
+    events.Reload()
+    assert {"singular_hits/mean", "singular_hits/replica_0"} <= set(events.Tags()["scalars"])
     inf = run(lab(make_cfg, "optim.depth=inf", out="inf"))
     assert inf["status"] == "completed"
 
