@@ -40,8 +40,8 @@ Rules at the edges (stated, never silent):
   s_i < `threshold` is a *singular hit* (counted per replica by the callers). At N = inf, r = log s
   has no boundary: s never reaches 0 in finite time, and hits only count s_i < threshold.
 - collisions s_i = s_j: the coordinates are singular there (the pair repulsion ∂ log q ~ 1/(s_i − s_j)).
-  The repulsion's displacement is tamed, Δr = dt·b/(1 + dt·|b|) (≤ 1 in r per step; an O(dt²)
-  change where b is bounded, so the weak order stays 1), and a start with repeated singular
+  The displacement of the (1/β) ∂ log q term b is tamed, Δr = dt·b/(1 + dt·|b|) (≤ 1 in r per
+  step; an O(dt²) change where b is bounded, so the weak order stays 1), and a start with repeated singular
   values is refused by the callers.
 """
 from __future__ import annotations
@@ -122,9 +122,9 @@ def frame_step(s: Tensor, energy_slope: Tensor, frame_drift: Tensor, beta: float
     d = s.shape[-1]
     eye = torch.eye(d, dtype=torch.bool, device=s.device)
     F = clock.weights(s.unsqueeze(-1), s.unsqueeze(-2))
-    speed = F.diagonal(dim1=-2, dim2=-1).sqrt()                         # dr/ds = F_ii^{−1/2}
-    repulsion = speed * pair_repulsion(s, clock.N) / beta
-    tamed = dt * repulsion / (1 + dt * repulsion.abs())
+    speed = F.diagonal(dim1=-2, dim2=-1).sqrt()                         # ds/dr: ∂/∂r = speed ∂/∂s
+    volume = speed * pair_repulsion(s, clock.N) / beta                 # (1/β) ∂ log q/∂r
+    tamed = dt * volume / (1 + dt * volume.abs())
     r = clock.radial(s) - dt * energy_slope + tamed + math.sqrt(2 * dt / beta) * xi.diagonal(dim1=-2, dim2=-1)
     low = r < clock.radial_of(threshold)                               # a singular hit (before reflection)
     if not clock.infinite:
