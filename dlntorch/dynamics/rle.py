@@ -59,6 +59,12 @@ class RiemannianLangevin(Dynamics):
     def beta(self) -> float:
         return self._beta
 
+    @property
+    def stochastic(self) -> bool:
+        """A stochastic dynamics (its runs get the stochastic observables and bands where the loop
+        asks Dynamics.stochastic)."""
+        return True
+
     def advance(self, steps: int) -> None:
         eye = torch.eye(self.W.shape[-1], dtype=self.W.dtype, device=self.W.device)
         with torch.no_grad():
