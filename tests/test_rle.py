@@ -172,17 +172,17 @@ def test_balanced_at_depth_three_keeps_m0_and_moves_the_hidden_frames():
 
 def test_at_large_beta_rle_follows_the_downstairs_flow():
     """β = 1e12: the noise (~1e-6 over t = 0.5) and the 1/β drift vanish, and rle's Euler steps
-    follow the g^N gradient flow dW/dt = −A_N(∇E) to O(h): measured 1.9e-3 at h = 1e-3 and 9.4e-4
-    at h = 5e-4 (N = 2); asserted below 5e-3, and halving with h (ratio in [0.4, 0.6])."""
+    follow the g^N gradient flow dW/dt = −A_N(∇E) to O(h): measured 3.8e-3 at h = 2e-3 and 1.9e-3
+    at h = 1e-3 (N = 2); asserted below 1e-2, and halving with h (ratio in [0.4, 0.6])."""
     from dlntorch.dynamics.flows import integrate_downstairs
     W0 = positive_starts(16, 8)
     for N in (2, 3):
         path, _ = integrate_downstairs(W0, lambda W: W - Y, [0.0, 0.5], N)
         errors = []
-        for h in (1e-3, 5e-4):
+        for h in (2e-3, 1e-3):
             W, _ = run_rle(W0, lambda W: W - Y, N, 1e12, h, round(0.5 / h), seed=9)
             errors.append(float((W - path[-1]).abs().max()))
-        assert errors[0] < 5e-3 and 0.4 < errors[1] / errors[0] < 0.6, (N, errors)
+        assert errors[0] < 1e-2 and 0.4 < errors[1] / errors[0] < 0.6, (N, errors)
 
 
 def test_infinite_depth_is_the_limit_of_deep_rle_in_rescaled_time():
