@@ -126,6 +126,30 @@ def f_inf(x, y) -> Tensor:
     return torch.where(interior, big.square() * mean, torch.zeros_like(big))
 
 
+def pair_function(N: Depth) -> Callable[[Tensor, Tensor], Tensor]:
+    """(x, y) ↦ f_N(x, y), or f_∞ = lim f_N/N at N = inf (the pair weight of A_N and of S_N)."""
+    return f_inf if is_infinite_depth(N) else (lambda x, y: f_N(x, y, N))
+
+
+def entropy_singular_gradient(s: Tensor, N: Depth) -> Tensor:
+    """∂S_N/∂s_i = ½ Σ_{j≠i} ∂_1 log f_N(s_i, s_j) for singular values s (B, d) > 0; shape (B, d).
+
+    N = math.inf: the derivative of S̃_∞ = ½ Σ_{i<j} log f_∞(s_i, s_j) (the W-dependent part of S_N
+    as N → ∞; see dlntorch.dynamics.free_energy). N = 1: zeros (S_1 = 0). Shared by the
+    free-energy flow and the Riemannian Langevin equation (dlntorch.rle).
+    """
+    d = s.shape[-1]
+    if d == 1 or (not is_infinite_depth(N) and as_depth(N) == 1):
+        return torch.zeros_like(s)
+    pair = pair_function(N)
+    with torch.enable_grad():
+        x = s.detach().clone().requires_grad_(True)
+        i, j = torch.triu_indices(d, d, offset=1, device=s.device)
+        half_log = 0.5 * torch.log(pair(x[..., i], x[..., j])).sum()
+        (grad,) = torch.autograd.grad(half_log, x)
+    return grad
+
+
 # --------------------------------------------------------------------------- the metric operator
 
 

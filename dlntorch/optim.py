@@ -53,9 +53,14 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, we
 
 def langevin_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, beta: float,
                      weight_decay: float, noise: NoiseTerm, generator: torch.Generator | None,
-                     draws: Sequence[Tensor] | None = None, view: View | None = None) -> None:
+                     draws: Sequence[Tensor] | None = None, view: View | None = None,
+                     state: dict | None = None) -> None:
     """Unadjusted Langevin: W ← (1 − lr λ) W − lr ∂L/∂W, then the noise term adds
-    sqrt(2 lr/β) × its noise (see dlntorch.noise)."""
+    sqrt(2 lr/β) × its noise (see dlntorch.noise); a `whole_step` term (balanced on d×d factors)
+    takes the whole step from the gradients in its own coordinates, keeping `state` (its counts)."""
+    if noise.whole_step:
+        noise.step_(params, grads, lr, beta, generator, {} if state is None else state)
+        return
     for p, g in zip(params, grads):
         if weight_decay:   # W − lr(g + λW) = (1 − lr λ) W − lr g
             p.mul_(1 - lr * weight_decay)
@@ -117,7 +122,7 @@ class Langevin(Optimizer):
 
     def __init__(self, params: Iterable[Tensor], lr: float, beta: float, weight_decay: float = 0.0,
                  generator: torch.Generator | None = None, noise: str = "isotropic",
-                 kappa: float | None = None):
+                 kappa: float | None = None, singular_threshold: float = 1e-6):
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr={lr} must be finite and > 0")
         if not (beta > 0):
@@ -126,7 +131,7 @@ class Langevin(Optimizer):
             raise ValueError(f"noise={noise!r} must be one of {NOISES.names()}")
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay))
         self.generator, self.noise = generator, noise
-        self.term: NoiseTerm = noise_term(noise, kappa)
+        self.term: NoiseTerm = noise_term(noise, kappa, singular_threshold)
         self.term.check_start([p for group in self.param_groups for p in group["params"]])
 
     @torch.no_grad()
@@ -144,7 +149,7 @@ class Langevin(Optimizer):
         """The kernel with this optimizer's hyper-parameters and noise (the fast path calls it too)."""
         group = self.param_groups[0] if group is None else group
         langevin_update_(params, grads, group["lr"], group["beta"], group["weight_decay"], self.term,
-                         self.generator, draws, view)
+                         self.generator, draws, view, self.state[params[0]] if self.term.whole_step else None)
 
 
 class GroupRMSprop(Optimizer):
@@ -361,6 +366,7 @@ class LangevinConfig(StepRule):
     beta: float = 1e4                   # inverse temperature
     noise: str = "isotropic"            # a registered noise model (dlntorch.noise)
     kappa: Optional[float] = None       # tangential: weight of the normal noise, in [0, 1] (None: 0)
+    singular_threshold: float = 1e-6    # balanced (d×d): σ_min(W) below this counts a singular hit
 
 
 def _check_rule(cfg: Any) -> None:
@@ -427,6 +433,7 @@ def _check_langevin(cfg: Any) -> None:
     _check_rule(cfg)
     positive_finite("optim.beta", cfg.optim.beta)
     noise = NOISES[cfg.optim.noise]
+    non_negative_finite("optim.singular_threshold", cfg.optim.singular_threshold)
     if cfg.optim.kappa is not None and cfg.optim.noise != "tangential":
         fail("optim.kappa", cfg.optim.kappa, "it mixes normal noise into optim.noise=tangential only")
     if noise.check is not None:
@@ -503,7 +510,7 @@ def _group_rmsprop(cfg: Any, params: list[Tensor], generator: torch.Generator | 
 def _langevin(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:
     """State: none but the generator (checkpointed by the dynamics)."""
     return Langevin(params, lr=cfg.lr, beta=cfg.beta, weight_decay=cfg.weight_decay, generator=generator,
-                    noise=cfg.noise, kappa=cfg.kappa)
+                    noise=cfg.noise, kappa=cfg.kappa, singular_threshold=cfg.singular_threshold)
 
 
 def build_optimizer(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:

@@ -84,7 +84,8 @@ def test_tangential_with_kappa_one_is_the_isotropic_model():
     (["optim.noise=tangential", "optim.kappa=1.5"],
      r"^optim.kappa=1.5 is not allowed: it must be a number in \[0, 1\]"),
     (["optim.noise=isotropic", "optim.kappa=0.5"], r"^optim.kappa=0.5 is not allowed: it mixes normal noise"),
-    (["optim.noise=balanced"], r"^optim.noise='balanced' is not allowed: it is implemented for 1x1 factors"),
+    # balanced now runs on d×d factors (tests/test_rle.py); from the default (unbalanced) start it is refused
+    (["optim.noise=balanced"], r"^optim.noise=balanced is not allowed from an unbalanced start"),
     (["optim.noise=tangential", "model.depth=1"], r"^optim.noise='tangential' is not allowed: depth 1 has no fibre"),
     (["optim.noise=fibre_brownian", "init.scale=1e-300"],
      r"^optim.noise=fibre_brownian is not allowed from this start"),

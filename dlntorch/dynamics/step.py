@@ -179,7 +179,17 @@ class StepDynamics(Dynamics):
         return self.task.energy(chain(self.factors()))
 
     def counters(self) -> dict[str, int]:
-        return {} if self.reshuffled is None else {"epochs": self.reshuffled.epochs}
+        counts = {} if self.reshuffled is None else {"epochs": self.reshuffled.epochs}
+        if (hits := self.observables().get("singular_hits")) is not None:
+            counts["singular_hits"] = int(hits.sum())
+        return counts
+
+    def observables(self) -> dict[str, Tensor]:
+        """singular_hits per replica where the noise term takes whole steps (balanced on d×d factors)."""
+        if not getattr(getattr(self.optimizer, "term", None), "whole_step", False):
+            return {}
+        hits = self.optimizer.state[self.params[0]].get("singular_hits")
+        return {"singular_hits": torch.zeros_like(self.params[0].detach()[:, 0, 0]) if hits is None else hits.clone()}
 
     def state_dict(self) -> dict[str, Any]:
         state = {"factors": [p.detach().cpu() for p in self.params],
