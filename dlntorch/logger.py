@@ -30,7 +30,8 @@ from . import compat
 AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
 HEADLINE_AGGREGATES = ("median", "q10", "q90", "mean")     # what run.tb_tags=headline logs
 # the observables TensorBoard shows by default: what the custom-scalars charts need
-HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?|sharpness|singular_hits")
+HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?"
+                      r"|sharpness|singular_hits")
 # stochastic runs show these too (balance, the product's drift, entropy and free energy), and every
 # observable shown with its mean gets the 95 % confidence band of that mean over replicas
 STOCHASTIC_HEADLINE = re.compile(r"balance_gap|product_drift|entropy|free_energy")
