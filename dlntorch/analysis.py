@@ -26,7 +26,8 @@ import pandas as pd
 
 from .collect import collect, is_run_dir, run_status
 from .config import CHECKPOINT, FINISHED, TRAJECTORY
-from .logger import Trajectory, aggregate_rows
+from .logger import aggregate_rows
+from .trajectory import read_rows
 
 PANELS = ("energy", "effective_rank", "balancedness", "singular_values")
 # quantities that decay towards 0 over decades (and the staircase of rank jumps): log y when they span one
@@ -136,8 +137,8 @@ def _unfinished_run(path: Path, why: str) -> Run:
     `summary` holds only status "unfinished" and why."""
     import torch
     payload = torch.load(path / CHECKPOINT, map_location="cpu", weights_only=False)
-    rows = Trajectory.load(path / TRAJECTORY, payload["trajectory_rows"])
-    return Run(path, {"status": "unfinished", "why": why}, payload.get("config") or {}, rows.arrays())
+    rows = read_rows(path / TRAJECTORY, payload["trajectory_rows"])
+    return Run(path, {"status": "unfinished", "why": why}, payload.get("config") or {}, rows)
 
 
 def _names(run: Run, observables: str | Iterable[str] | None) -> list[str]:

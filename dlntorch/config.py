@@ -14,7 +14,6 @@ This module imports the option modules (and so torch) only inside `register`, `a
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +22,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .budget import DEFAULT_STEPS, budget, total_steps  # noqa: F401 — the run's length, re-exported
 from .errors import (  # noqa: F401
     ConfigError,
     at_least,
@@ -88,7 +88,8 @@ class RunConfig:
     steps: Optional[int] = None         # step budget; None: DEFAULT_STEPS, or as many as run.time needs
     time: Optional[float] = None        # stop at t = lr·step ≥ time (with run.steps: whichever comes first)
     # a replica has converged when its final E is below this: well below the O(1) energies the
-    # tasks start from (seed2x2: E(0) ≈ 1), well above float64 round-off (~1e-16 relative)
+    # tasks start from (seed2x2: E(0) ≈ 1), well above float64 round-off (~1e-16 relative);
+    # stochastic runs add their thermal level m·n/β (report.converged_level)
     converged_energy: float = 1e-6
     stop_energy: float = 1e-10          # stop once every live replica has E below this
     stop_check_every: int = 100         # steps between stop tests (a host sync each)
@@ -101,6 +102,7 @@ class RunConfig:
     checkpoint_minutes: float = 10.0    # wall-time between checkpoints
     on_divergence: str = "freeze"       # freeze (count it) | error
     cuda_graphs: bool = False           # plain gd on CUDA: replay captured steps (launch-bound tiny matrices)
+    compile: str = "auto"               # torch.compile of gd/sgd/langevin's fast step: auto | on | off
     progress: bool = True               # tqdm bar on runs longer than a few seconds
     out_dir: Optional[str] = None       # None: Hydra's run dir (or ./outputs/<time> from Python)
     # what a researcher reads afterwards (TensorBoard's tags, the state in trajectory.npz)
@@ -110,6 +112,9 @@ class RunConfig:
     save_product: Any = "auto"          # product W in trajectory.npz: auto (m·n ≤ 64) | true | false
     save_factors: bool = False          # factors W_p in trajectory.npz (T, B, d_p, d_{p-1})
     log_entries: list[list[int]] = field(default_factory=list)   # [[i, j], …] 1-based: w_ij = W[i-1, j-1]
+    # k > 0: the observable `sharpness`, λ_max of the Hessian of L by k Lanczos steps (k Hessian-vector
+    # products per logged time); 0: off. Any, not int: a non-integer is refused by validate in one sentence
+    sharpness_iterations: Any = 0
 
 
 @dataclass
@@ -210,27 +215,6 @@ def derive_seeds(cfg: DictConfig) -> dict[str, int]:
             "dynamics": dynamics}
 
 
-DEFAULT_STEPS = 20000    # the step budget when neither run.steps nor run.time is given
-
-
-def budget(cfg: Any) -> tuple[int, str]:
-    """(steps, "steps" | "time"): the step budget and the key that sets it. run.time alone needs
-    ceil(time / lr) steps; with run.steps too, whichever comes first; neither: DEFAULT_STEPS."""
-    steps, time = cfg.run.steps, cfg.run.time
-    if time is None:
-        return int(DEFAULT_STEPS if steps is None else steps), "steps"
-    # the 1e-9 keeps t = lr·step from missing `time` by one step to rounding (1e-3 · 105000)
-    for_time = max(1, math.ceil(time / cfg.optim.lr - 1e-9))
-    if steps is not None and steps < for_time:
-        return int(steps), "steps"
-    return int(for_time), "time"
-
-
-def total_steps(cfg: Any) -> int:
-    """The step budget (see `budget`)."""
-    return budget(cfg)[0]
-
-
 def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config (dicts) as {"dotted.key": value} for its leaves."""
     out: dict[str, Any] = {}
@@ -244,6 +228,7 @@ def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 # what a run dir holds (see README, "Outputs of a run")
 CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
+TRAJECTORY_ROWS = "trajectory"      # the row files of a run that logs (dlntorch.trajectory), until it completes
 # the statuses of a summary.json whose run reached its end (a diverged one: every replica diverged)
 FINISHED = ("completed", "diverged")
 
@@ -254,6 +239,13 @@ def run_dir(cfg: Any) -> Path | None:
         return Path(cfg.run.out_dir)
     from hydra.core.hydra_config import HydraConfig
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def check_sharpness_iterations(value: Any) -> None:
+    """run.sharpness_iterations: an integer ≥ 0 (a bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        fail("run.sharpness_iterations", value, "it must be an integer ≥ 0 (0: no sharpness; k ≥ 1: "
+             "k Lanczos steps, k Hessian-vector products per logged time)")
 
 
 def validate(cfg: Any) -> None:
@@ -321,12 +313,14 @@ def validate(cfg: Any) -> None:
     at_least("run.stop_check_every", run.stop_check_every, 1)
     at_least("run.checkpoint_every", run.checkpoint_every, 0)
     one_of("run.gradient", run.gradient, ("auto", "closed_form", "autograd"))
+    one_of("run.compile", run.compile, ("auto", "on", "off"))
     one_of("run.on_divergence", run.on_divergence, ("freeze", "error"))
     positive_finite("run.rank_tol", run.rank_tol)
     positive_finite("run.checkpoint_minutes", run.checkpoint_minutes)
     one_of("run.tb_tags", run.tb_tags, ("headline", "all"))
     at_least("run.sigma_k", run.sigma_k, 0)
     at_least("run.histogram_points", run.histogram_points, 0)
+    check_sharpness_iterations(run.sharpness_iterations)
     if run.save_product not in ("auto", True, False):
         fail("run.save_product", run.save_product, "choose auto or a boolean, true or false")
     if task.file is None:        # a data file's shape is known once it is read: checked then

@@ -126,6 +126,30 @@ def f_inf(x, y) -> Tensor:
     return torch.where(interior, big.square() * mean, torch.zeros_like(big))
 
 
+def pair_function(N: Depth) -> Callable[[Tensor, Tensor], Tensor]:
+    """(x, y) ↦ f_N(x, y), or f_∞ = lim f_N/N at N = inf (the pair weight of A_N and of S_N)."""
+    return f_inf if is_infinite_depth(N) else (lambda x, y: f_N(x, y, N))
+
+
+def entropy_singular_gradient(s: Tensor, N: Depth) -> Tensor:
+    """∂S_N/∂s_i = ½ Σ_{j≠i} ∂_1 log f_N(s_i, s_j) for singular values s (B, d) > 0; shape (B, d).
+
+    N = math.inf: the derivative of S̃_∞ = ½ Σ_{i<j} log f_∞(s_i, s_j) (the W-dependent part of S_N
+    as N → ∞; see dlntorch.dynamics.free_energy). N = 1: zeros (S_1 = 0). Shared by the
+    free-energy flow and the Riemannian Langevin equation (dlntorch.rle).
+    """
+    d = s.shape[-1]
+    if d == 1 or (not is_infinite_depth(N) and as_depth(N) == 1):
+        return torch.zeros_like(s)
+    pair = pair_function(N)
+    with torch.enable_grad():
+        x = s.detach().clone().requires_grad_(True)
+        i, j = torch.triu_indices(d, d, offset=1, device=s.device)
+        half_log = 0.5 * torch.log(pair(x[..., i], x[..., j])).sum()
+        (grad,) = torch.autograd.grad(half_log, x)
+    return grad
+
+
 # --------------------------------------------------------------------------- the metric operator
 
 
@@ -278,6 +302,30 @@ def balance_gap(factors: Sequence[Tensor], rtol: float | None = None,
     return norms - N * s.pow(2.0 / N).sum(-1)
 
 
+def exp_pair(A: Tensor) -> tuple[Tensor, Tensor]:
+    """(expm(A), expm(−A)) for a batch of square A (…, d, d).
+
+    d = 2 in closed form (a dozen elementwise ops instead of two Padé evaluations, 20x faster at
+    B = 4096): A = cI + Z with c = tr A / 2 and Z traceless, Z² = q I with q = −det Z, so
+    expm(±A) = e^{±c} (C(q) I ± S(q) Z) with C = cosh √q, S = sinh √q / √q (cos, sin for q < 0;
+    S(0) = 1). Both share C and S, so expm(A) expm(−A) = (C² − q S²) I = I to rounding. Other d
+    take torch.linalg.matrix_exp."""
+    if A.shape[-1] != 2:
+        return torch.linalg.matrix_exp(A), torch.linalg.matrix_exp(-A)
+    c = 0.5 * (A[..., 0, 0] + A[..., 1, 1])
+    Z = A - c[..., None, None] * torch.eye(2, dtype=A.dtype, device=A.device)
+    q = Z[..., 0, 0] ** 2 + Z[..., 0, 1] * Z[..., 1, 0]            # −det Z (Z[1,1] = −Z[0,0])
+    r = q.abs().sqrt()
+    safe = torch.where(r > 0, r, torch.ones_like(r))
+    C = torch.where(q >= 0, torch.cosh(r), torch.cos(r))
+    S = torch.where(r > 0, torch.where(q >= 0, torch.sinh(safe), torch.sin(safe)) / safe, torch.ones_like(r))
+    identity = C[..., None, None] * torch.eye(2, dtype=A.dtype, device=A.device)
+    along = S[..., None, None] * Z
+    ahead = torch.exp(c)[..., None, None] * (identity + along)
+    behind = torch.exp(-c)[..., None, None] * (identity - along)
+    return ahead, behind
+
+
 def fibre_move(factors: Sequence[Tensor], generators: Sequence[Tensor]) -> list[Tensor]:
     """W_p ← expm(A_p) W_p expm(−A_{p−1}), A_0 = A_N = 0; generators = [A_1, …, A_{N−1}].
 
@@ -288,8 +336,7 @@ def fibre_move(factors: Sequence[Tensor], generators: Sequence[Tensor]) -> list[
     N = len(factors)
     if len(generators) != N - 1:
         raise ValueError(f"fibre_move needs N−1 = {N - 1} generators, got {len(generators)}")
-    ahead = [torch.linalg.matrix_exp(A) for A in generators]
-    behind = [torch.linalg.matrix_exp(-A) for A in generators]
+    ahead, behind = zip(*(exp_pair(A) for A in generators)) if generators else ((), ())
     moved = []
     for p, factor in enumerate(factors):  # factor is W_{p+1}: left by A_{p+1}, right by A_p
         if p < N - 1:

@@ -4,8 +4,10 @@ TensorBoard (see docs/tensorboard.md) gets a custom-scalars layout that opens on
 charts (the median of energy, effective rank, balancedness and each singular value in its q10–q90
 band), scalars of the headline observables (`name/median`, `q10`, `q90`, `mean` over live
 replicas and the first few replicas `name/replica_i`; run.tb_tags=all: every observable with
-min and max too), histograms of the per-replica values at a bounded number of logged times
-(`distribution/name`) and at the end (`final/name`), and hparams.
+min and max too; stochastic runs: also `name/ci95_low`, `name/ci95_high`, the 95 % band of the
+mean, and the balance, drift, entropy and free energy as headline observables), histograms of the
+per-replica values at a bounded number of logged times (`distribution/name`) and at the end
+(`final/name`), and hparams.
 trajectory.npz gets every observable as an array (T, B[, k]) — analysis reads that, not events.
 """
 from __future__ import annotations
@@ -28,10 +30,19 @@ from . import compat
 AGGREGATES = ("mean", "median", "min", "max", "q10", "q90")
 HEADLINE_AGGREGATES = ("median", "q10", "q90", "mean")     # what run.tb_tags=headline logs
 # the observables TensorBoard shows by default: what the custom-scalars charts need
-HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?")
+HEADLINE = re.compile(r"energy|effective_rank|balancedness(_\d+)?|sigma_\d+|test_error|w\d+(_\d+)?"
+                      r"|sharpness|singular_hits")
+# stochastic runs show these too (balance, the product's drift, entropy and free energy), and every
+# observable shown with its mean gets the 95 % confidence band of that mean over replicas
+STOCHASTIC_HEADLINE = re.compile(r"balance_gap|product_drift|entropy|free_energy")
+BAND = ("ci95_low", "ci95_high")
+Z95 = 1.959963984540054          # the standard normal's 97.5 % quantile
 # and the conservation check: ‖G(t) − G(0)‖ is 0 under gradient flow, so its largest value over
 # the replicas says how far the steps have taken the run from it (its max alone, no replicas)
 CONSERVATION = "balancedness_drift"
+# the edge of stability (run.sharpness_iterations ≥ 1): λ_max beside 2/lr, the stability limit of a
+# step of size lr (one value for every replica: its max alone), in one chart
+SHARPNESS, STABILITY_LIMIT = "sharpness", "stability_limit"
 DISTRIBUTIONS = ("energy", "effective_rank", "balancedness", "sigma_1", "sigma_2")   # over time
 NOT_OBSERVABLES = ("step", "t", "diverged")
 
@@ -120,39 +131,49 @@ def deflates(array: np.ndarray, ratio: float = 0.5) -> bool:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    atomic_write_bytes(path, lambda h: h.write(json_text(data).encode()))
+    """`data` as indented JSON, encoded as it is written: each list of numbers (a per-replica
+    column, nested or not) goes through json's C encoder on one line (its indented encoder is pure
+    Python: ~1 s for the summary of 4096 replicas, one number a line), one list at a time, so that
+    the text of a summary at a million replicas (gigabytes) is never held whole in memory."""
+    skeleton, leaves, marker = json_skeleton(data)
+    text = json.dumps(skeleton, indent=2, default=_jsonable, allow_nan=True)
+    pieces = re.split(f'"{marker}(\\d+)"', text)      # text, leaf index, text, …
+
+    def write(handle) -> None:
+        for k, piece in enumerate(pieces):
+            leaf = leaves[int(piece)] if k % 2 else None
+            handle.write((piece if leaf is None else json.dumps(leaf, default=_jsonable, allow_nan=True)).encode())
+    atomic_write_bytes(path, write)
 
 
 _NUMBERS = (bool, int, float, np.generic, type(None))
 
 
-def json_text(data: Mapping[str, Any]) -> str:
-    """`data` as indented JSON, each list of numbers (a per-replica column, nested or not) on one
-    line: json's indented encoder is pure Python (~1 s for the summary of 4096 replicas, one
-    number a line), so those lists go through its C encoder and are set into the indented rest."""
+def json_skeleton(data: Mapping[str, Any]) -> tuple[Any, list, str]:
+    """`data` with each numeric list (or array) replaced by a marker string naming its index in
+    `leaves`, which keeps the values themselves (not their text)."""
     marker = f"@@{uuid.uuid4().hex}@@"
-    leaves: list[str] = []
+    leaves: list = []
 
     def numeric(values: list | tuple) -> bool:       # numbers, or lists of them, all the way down
         return all(isinstance(x, _NUMBERS) or (isinstance(x, (list, tuple)) and numeric(x)) for x in values)
 
+    def leaf(value: Any) -> str:
+        leaves.append(value)
+        return f"{marker}{len(leaves) - 1}"
+
     def skeleton(value: Any) -> Any:
         if isinstance(value, (np.ndarray, Tensor)) and value.ndim > 0:
-            leaves.append(json.dumps(_jsonable(value), allow_nan=True))
-            return f"{marker}{len(leaves) - 1}"
+            return leaf(_jsonable(value))
         if isinstance(value, (np.ndarray, Tensor)):
             value = _jsonable(value)
         if isinstance(value, Mapping):
             return {k: skeleton(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            if value and numeric(value):
-                leaves.append(json.dumps(value, default=_jsonable, allow_nan=True))
-                return f"{marker}{len(leaves) - 1}"
-            return [skeleton(x) for x in value]
+            return leaf(value) if value and numeric(value) else [skeleton(x) for x in value]
         return value
 
-    text = json.dumps(skeleton(data), indent=2, default=_jsonable, allow_nan=True)
-    return re.sub(f'"{marker}(\\d+)"', lambda m: leaves[int(m[1])], text)
+    return skeleton(data), leaves, marker
 
 
 def _jsonable(value: Any) -> Any:
@@ -191,37 +212,26 @@ def aggregate_rows(values: np.ndarray) -> dict[str, np.ndarray]:
                 "q10": quantile(0.1), "q90": quantile(0.9)}
 
 
-def aggregate(values: np.ndarray) -> dict[str, float]:
-    """The aggregates of one observable over replicas, as floats (see aggregate_rows)."""
-    return {k: float(v[0]) for k, v in aggregate_rows(np.asarray(values, dtype=np.float64)[None]).items()}
+def band_rows(values: np.ndarray, mean: np.ndarray) -> dict[str, np.ndarray]:
+    """The 95 % confidence band of each row's mean over its replicas (K, B), NaN entries left out:
+    mean ± Z95 · s/√n with s the sample standard deviation (ddof 1) of the n live values; NaN for a
+    row with fewer than two. `mean` is aggregate_rows' (the band costs one more pass, no sort)."""
+    values = np.asarray(values, dtype=np.float64)
+    valid = ~np.isnan(values)
+    n = valid.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        squares = np.where(valid, values - mean[:, None], 0.0) ** 2
+        half = np.where(n > 1, Z95 * np.sqrt(squares.sum(1) / (n - 1) / n), np.nan)
+    return {"ci95_low": mean - half, "ci95_high": mean + half}
 
 
-class Trajectory:
-    """The logged rows, kept in memory (at most run.log_points of them) and saved as npz."""
-
-    def __init__(self, rows: list[dict[str, np.ndarray]] | None = None):
-        self.rows = rows or []
-
-    def append(self, row: dict[str, np.ndarray]) -> None:
-        self.rows.append(row)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        keys = list(self.rows[0]) if self.rows else []
-        return {key: np.stack([row[key] for row in self.rows]) for key in keys
-                if all(key in row for row in self.rows)}
-
-    @classmethod
-    def load(cls, path: Path, rows: int) -> Trajectory:
-        """The first `rows` logged rows of a saved trajectory."""
-        if rows == 0:
-            return cls()
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
-        return cls([{key: value[i] for key, value in arrays.items()} for i in range(rows)])
-
-    def save(self, path: Path) -> None:
-        arrays = self.arrays()
-        atomic_write_bytes(path, lambda h: write_npz(h, arrays))
+def aggregate(values: np.ndarray, band: bool = False) -> dict[str, float]:
+    """The aggregates of one observable over replicas, as floats (see aggregate_rows); `band`:
+    with the 95 % confidence band of the mean too (band_rows)."""
+    rows = aggregate_rows(np.asarray(values, dtype=np.float64)[None])
+    if band:
+        rows.update(band_rows(np.asarray(values, dtype=np.float64)[None], rows["mean"]))
+    return {k: float(v[0]) for k, v in rows.items()}
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -238,10 +248,11 @@ def scalar_names(row: Mapping[str, np.ndarray]) -> list[str]:
     return [k for k, v in row.items() if v.ndim == 1 and k not in NOT_OBSERVABLES]
 
 
-def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, list]]:
+def layout(names: Sequence[str], replicas_shown: int, banded: Sequence[str] = ()) -> dict[str, dict[str, list]]:
     """The custom-scalars layout (TensorBoard's CUSTOM SCALARS tab), in the order the tab shows it:
     the headline margin charts (median in its q10–q90 band) of energy, effective rank,
-    balancedness and the singular values; balancedness per junction; single replicas; the other
+    balancedness and the singular values; for stochastic runs, the mean of each `banded`
+    observable in its 95 % confidence band; balancedness per junction; single replicas; the other
     observables; checks (time, divergences, the conservation of G). One kind of chart per category
     (see _as_shown)."""
     def index(name: str) -> int:
@@ -256,10 +267,15 @@ def layout(names: Sequence[str], replicas_shown: int) -> dict[str, dict[str, lis
     replicas = [n for n in ("energy", "effective_rank") if n in names] if replicas_shown else []
     categories = {
         "headline": margins(headline),
+        "95 % bands of the mean over replicas": {
+            f"{n} (mean, 95 % band)": ["Margin", [f"{n}/mean", f"{n}/{BAND[0]}", f"{n}/{BAND[1]}"]] for n in banded},
         "balancedness per junction": margins(junctions),
         "replicas": {f"{n} of replicas 0–{replicas_shown - 1}": ["Multiline", [rf"^{n}/replica_\d+$"]]
                      for n in replicas},
-        "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION)]),
+        "edge of stability": {"sharpness λ_max (median, q10, q90) and 2/lr": ["Multiline", [
+            f"^{SHARPNESS}/(median|q10|q90)$", f"^{STABILITY_LIMIT}/max$"]]} if SHARPNESS in names else {},
+        "other observables": margins([n for n in names if n not in (*headline, *junctions, CONSERVATION,
+                                                                     SHARPNESS, STABILITY_LIMIT)]),
         "checks": {"time t": ["Multiline", ["^time/t$"]],
                    "diverged replicas": ["Multiline", ["^diverged/count$"]],
                    **({f"{CONSERVATION} (max)": ["Multiline", [f"^{CONSERVATION}/max$"]]}
@@ -293,16 +309,19 @@ class TensorBoardLog:
 
     `tags`: "headline" (the observables HEADLINE matches, HEADLINE_AGGREGATES of each and single
     replicas, and the max of CONSERVATION) or "all" (every observable, all AGGREGATES);
-    `histogram_steps`: the logged steps that also get distribution/<name> histograms."""
+    `histogram_steps`: the logged steps that also get distribution/<name> histograms; `bands`
+    (stochastic runs): STOCHASTIC_HEADLINE's observables are headline too, and every observable
+    logged with its mean also gets its 95 % band (`name/ci95_low`, `name/ci95_high`)."""
 
     def __init__(self, log_dir: Path, replicas_shown: int, purge_step: int | None = None,
-                 tags: str = "headline", histogram_steps: Sequence[int] = ()):
+                 tags: str = "headline", histogram_steps: Sequence[int] = (), bands: bool = False):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: do it lazily
 
         compat.install_event_checksums(masked_crc32c)
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.replicas_shown = replicas_shown
         self.tags = tags
+        self.bands = bands
         self.histogram_steps = {int(s) for s in histogram_steps}
         self.layout_written = purge_step is not None   # a resumed run's first events file has it
 
@@ -310,10 +329,12 @@ class TensorBoardLog:
         """The aggregates of observable `name` that TensorBoard gets; none: no tags at all
         (trajectory.npz keeps every observable)."""
         if self.tags == "all":
-            return AGGREGATES
-        if HEADLINE.fullmatch(name):
-            return HEADLINE_AGGREGATES
-        return ("max",) if name == CONSERVATION else ()
+            chosen = AGGREGATES
+        elif HEADLINE.fullmatch(name) or (self.bands and STOCHASTIC_HEADLINE.fullmatch(name)):
+            chosen = HEADLINE_AGGREGATES
+        else:
+            return ("max",) if name in (CONSERVATION, STABILITY_LIMIT) else ()
+        return chosen + BAND if self.bands else chosen
 
     def shown(self, name: str) -> bool:
         return bool(self.aggregates(name))
@@ -332,10 +353,14 @@ class TensorBoardLog:
         dead = np.stack([row["diverged"] > 0 for row in rows])[:, None, :]
         K, n, B = values.shape
         live_values = (np.where(dead, np.nan, values) if dead.any() else values).reshape(K * n, B)
-        stats = {a: v.reshape(K, n) for a, v in aggregate_rows(live_values).items()}
+        stats = aggregate_rows(live_values)
+        if self.bands:
+            stats.update(band_rows(live_values, stats["mean"]))
+        stats = {a: v.reshape(K, n) for a, v in stats.items()}
         shown = min(self.replicas_shown, B)
         if not self.layout_written:
-            self.writer.add_custom_scalars(layout(names, shown))
+            banded = [name for name, chosen in zip(names, aggregates) if BAND[0] in chosen]
+            self.writer.add_custom_scalars(layout(names, shown, banded))
             self.layout_written = True
         records = compat.file_writer(self.writer)    # add_scalar's own writer, where it can be reached
         for k, row in enumerate(rows):
@@ -365,7 +390,13 @@ class TensorBoardLog:
                 # a replica on its way out (E ~ 1e200, not yet inf) overflows the histogram's sum of
                 # squares, which TensorBoard then stores as inf: harmless, the buckets stay right
                 with np.errstate(over="ignore"):
-                    self.writer.add_histogram(f"{prefix}/{name}", finite, step)
+                    try:
+                        self.writer.add_histogram(f"{prefix}/{name}", finite, step)
+                    except ValueError:
+                        # values all equal and huge (one replica at 1e29 on its way out): the
+                        # writer's bins v ± 0.5 round to zero width and it raises "empty"; such
+                        # a histogram says nothing, and the run must not fail at its end over it
+                        pass
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
         """The HPARAMS tab's row of this run: its columns `hparams` and its final `metrics`

@@ -159,3 +159,11 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
         out[f"factor_norm_{p}"] = frobenius(f)
     out["singular_values"] = s
     return out
+
+
+def product_drift(W: Tensor, W0: Tensor, diverged: Tensor) -> Tensor:
+    """‖W(t) − W(0)‖_F per replica, the product's displacement since the start: noise along the
+    fibre alone (gl_walk, fibre_brownian) never moves it, so without a drift it stays 0 to
+    rounding; NaN for diverged (or non-finite) replicas, like the other observables."""
+    drift = frobenius(W - W0)
+    return torch.where(diverged | ~torch.isfinite(drift), torch.nan, drift)

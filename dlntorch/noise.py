@@ -32,12 +32,21 @@ def same(x: Tensor) -> Tensor:
 
 
 class NoiseTerm:
-    """The interface. `any_layout`: whether the term works on the fast path's other layouts."""
+    """The interface. `any_layout`: whether the term works on the fast path's other layouts.
+    `whole_step`: the term moves the factors by drift and noise together (`step_`), in coordinates
+    of its own, instead of adding noise after the caller's gradient step (`add_`)."""
 
     any_layout = True
+    whole_step = False
 
     def check_start(self, factors: Sequence[Tensor]) -> None:
         """Refuse (ConfigError) a start the model cannot run from; most models take any."""
+
+    def step_(self, factors: Sequence[Tensor], grads: Sequence[Tensor], lr: float, beta: float,
+              generator: torch.Generator | None, state: dict) -> None:
+        """One whole step from the factor gradients (`whole_step` terms); `state` is the
+        optimizer's state for the first factor (checkpointed with it)."""
+        raise NotImplementedError
 
     def add_(self, factors: Sequence[Tensor], scale: float, generator: torch.Generator | None,
              draws: Sequence[Tensor] | None = None, view: View = same) -> None:
@@ -114,7 +123,8 @@ class Tangential(NoiseTerm):
         d𝐖 = −∇L dt + sqrt(2/β) (P_𝐖 dB + √κ P_𝐖^⊥ dB),
 
     P_𝐖 the orthogonal projection onto the tangent space T_𝐖 of the fibre φ⁻¹(W) (dlntorch.fibre:
-    one batched SVD of the tangent map A ↦ (A_p W_p − W_p A_{p−1})_p). κ = 1 is isotropic, κ = 0
+    τ(A) for the minimum-norm generator A, a batched solve of the normal equations of the tangent
+    map τ: A ↦ (A_p W_p − W_p A_{p−1})_p, with the SVD of τ where they are ill conditioned). κ = 1 is isotropic, κ = 0
     noise purely tangential to the fibre. Euler–Maruyama: the projection is taken at the point
     the increment starts from (after the drift, which changes it by O(lr): the same Itô limit).
     Every increment is tangential at κ = 0, yet the product moves, at second order along the
@@ -162,37 +172,69 @@ def _full_rank_product(name: str, factors: Sequence[Tensor], rtol: float = 1e-8)
                           "start from full rank (e.g. a larger init.scale).")
 
 
-def _scalar_factors(cfg: Any) -> None:
+def _balanced_factors(cfg: Any) -> None:
     from .tasks import task_shape
     if resolve_depth(cfg.model) < 2:
         fail("optim.noise", cfg.optim.noise, "depth 1 has no balance to keep; use depth ≥ 2")
+    m, n = task_shape(cfg.task)
     widths = cfg.model.get("widths")
-    if task_shape(cfg.task) != (1, 1) or (widths is not None and any(int(w) != 1 for w in widths)):
-        fail("optim.noise", cfg.optim.noise, "it is implemented for 1x1 factors (a scalar DLN, where the "
-             "balanced manifold M_0 is the straight line |w_1| = … = |w_N|); use a 1x1 task or another noise")
+    if m != n or (widths is not None and any(int(w) != m for w in widths)):
+        fail("optim.noise", cfg.optim.noise, f"it needs square factors of one width d (the orbit coordinates "
+             f"W_p = Q_p Σ^{{1/N}} Q_{{p−1}}^T of M_0), and the task is {m}x{n}"
+             + ("" if widths is None else f" with model.widths={list(widths)}"))
+    if cfg.optim.weight_decay and m > 1:
+        fail("optim.weight_decay", cfg.optim.weight_decay, "optim.noise=balanced on d×d factors moves by L alone "
+             "(the RLE of F_β downstairs); use optim.weight_decay=0")
 
 
-@NOISES.register("balanced", check=_scalar_factors)
+@NOISES.register("balanced", check=_balanced_factors)
 class Balanced(NoiseTerm):
     """Brownian motion on the balanced manifold M_0 (Frobenius metric) plus the gradient, whose
-    image downstairs is the Riemannian Langevin equation of F_β = E − S_N/β. Integrated in the
-    orbit coordinates, which keep M_0 exactly: for 1x1 factors M_0 is the line w_p = ε_p u
-    (ε_p = ±1 fixed), the gradient of a balanced point is along it, and the SDE is
-    du = −(1/N) ∂_u L dt + sqrt(2/(βN)) dB — so the noise is ξ projected on the unit vector
-    e = ε/√N, and the state is projected back on the line (removing rounding). Its stationary
-    density in u is ∝ e^{−βE(u^N)} du exactly, while Euler–Maruyama on w = u^N, whose diffusion
-    sqrt(2N/β)|w|^{1−1/N} degenerates at w = 0, is biased there. Larger factors (d > 1, the
-    orbit parametrisation W_p = Q_p Σ^{1/N} Q_{p−1}^T) are not implemented yet: refused."""
+    image downstairs is the Riemannian Langevin equation of F_β = E − S_N/β (optim=rle). Integrated
+    in orbit coordinates, which keep M_0 exactly.
+
+    1x1 factors: M_0 is the line w_p = ε_p u (ε_p = ±1 fixed), the gradient of a balanced point is
+    along it, and the SDE is du = −(1/N) ∂_u L dt + sqrt(2/(βN)) dB — so the noise is ξ projected on
+    the unit vector e = ε/√N after the caller's gradient step, and the state is projected back on
+    the line (removing rounding). Its stationary density in u is ∝ e^{−βE(u^N)} du exactly (u crosses
+    0 along its line), while Euler–Maruyama on w = u^N, whose diffusion sqrt(2N/β)|w|^{1−1/N}
+    degenerates at w = 0, is biased there.
+
+    d×d factors (a whole step, dlntorch.rle.balanced_step): W_p = Q_p diag(σ) Q_{p−1}^T; the product
+    (U = Q_N, s = σ^N, V = Q_0) moves by the RLE's step (the same rule as optim=rle, fed by the
+    factor gradients), the hidden frames Q_1 … Q_{N−1} by the horizontal lift of its rotation plus
+    the fibre's own Gaussian noise, and the factors are rebuilt exactly balanced. Its singular-set
+    rule is the RLE's (σ_i reflected at 0, singular hits counted per replica as `singular_hits`).
+    Needs a balanced, full-rank start with distinct singular values."""
 
     any_layout = False
 
+    def __init__(self, threshold: float = 1e-6):
+        self.threshold = threshold
+
     def check_start(self, factors: Sequence[Tensor]) -> None:
-        magnitudes = torch.cat([f.detach().abs().flatten(1) for f in factors], dim=1)   # (B, N)
-        spread = (magnitudes.max(1).values - magnitudes.min(1).values).max()
-        if float(spread) > 1e-10 * max(float(magnitudes.max()), 1e-300):
-            raise ConfigError("optim.noise=balanced is not allowed from an unbalanced start: it moves on the "
-                              f"balanced manifold M_0 (|w_1| = … = |w_N|), and max_p |w_p| − min_p |w_p| = "
-                              f"{float(spread):.3g}; use init=balanced.")
+        factors = [f.detach() for f in factors]
+        self.whole_step = factors[0].shape[-1] > 1       # d×d: whole steps; 1x1: noise after the gradient step
+        if not self.whole_step:
+            magnitudes = torch.cat([f.abs().flatten(1) for f in factors], dim=1)   # (B, N)
+            spread = float((magnitudes.max(1).values - magnitudes.min(1).values).max())
+            if spread > 1e-10 * max(float(magnitudes.max()), 1e-300):
+                raise ConfigError("optim.noise=balanced is not allowed from an unbalanced start: it moves on the "
+                                  f"balanced manifold M_0 (|w_1| = … = |w_N|), and max_p |w_p| − min_p |w_p| = "
+                                  f"{spread:.3g}; use init=balanced.")
+            return
+        from .network import balancedness_of
+        from .rle import repeated_singular_values
+        scale = max(float(f.square().sum((-2, -1)).max()) for f in factors)
+        gap = max(float(G.flatten(1).norm(dim=1).max()) for G in balancedness_of(factors))
+        if gap > 1e-10 * max(scale, 1e-300):
+            raise ConfigError("optim.noise=balanced is not allowed from an unbalanced start: it moves on the balanced "
+                              f"manifold M_0 (every G_p = 0), and max ‖G_p‖ = {gap:.3g}; use init=balanced.")
+        _full_rank_product("balanced", factors)
+        if bool(repeated_singular_values(torch.linalg.svdvals(factors[0])).any()):
+            raise ConfigError("optim.noise=balanced is not allowed from this start: some replica's factors have "
+                              "repeated singular values (e.g. init=identity), where the orbit coordinates are "
+                              "singular; start from a generic balanced point (init=balanced).")
 
     def add_(self, factors, scale, generator, draws=None, view=same):
         w = torch.cat([f.detach().flatten(1) for f in factors], dim=1)                  # (B, N)
@@ -204,6 +246,17 @@ class Balanced(NoiseTerm):
         for p, f in enumerate(factors):
             f.copy_((signs[:, p:p + 1] * u).view(f.shape))
 
+    def step_(self, factors, grads, lr, beta, generator, state):
+        from .rle import balanced_step
+        moved, hit = balanced_step([f.detach() for f in factors], list(grads), beta, lr, generator, self.threshold)
+        for f, m in zip(factors, moved):
+            f.copy_(m)
+        # a float count: the optimizer's state_dict casts its tensors to the parameters' dtype on loading
+        hits = state.setdefault("singular_hits", torch.zeros(hit.shape, dtype=moved[0].dtype, device=hit.device))
+        hits += hit.to(hits.dtype)
 
-def noise_term(name: str, kappa: float | None = None) -> NoiseTerm:
-    return NOISES[name].build(kappa) if name == "tangential" else NOISES[name].build()
+
+def noise_term(name: str, kappa: float | None = None, singular_threshold: float = 1e-6) -> NoiseTerm:
+    if name == "tangential":
+        return NOISES[name].build(kappa)
+    return NOISES[name].build(singular_threshold) if name == "balanced" else NOISES[name].build()

@@ -33,7 +33,10 @@ from .registry import Registry
 from .tasks import minibatch_units
 
 # name → Option(build = (cfg.optim, params, generator) -> Optimizer, check, schema, extra):
-# extra["kernel"] = (optimizer, state, grads, draws, view) -> None, the rule for the fast path.
+# extra["kernel"] = (optimizer, state, grads, draws, view) -> None, the rule for the fast path;
+# extra["drift"] = (params, grads, lr, weight_decay) -> new params, its deterministic part out of
+# place (run.compile traces it), and extra["noise"] = (optimizer, state, draws, view) -> None the
+# rest, added eagerly after the drift (kernel = drift, then noise).
 # The exact flows register here too (dynamics/flows.py), with extra["dynamics"].
 OPTIMISERS = Registry("optim.name")
 
@@ -51,14 +54,37 @@ def sgd_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, we
 
 def langevin_update_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, beta: float,
                      weight_decay: float, noise: NoiseTerm, generator: torch.Generator | None,
-                     draws: Sequence[Tensor] | None = None, view: View | None = None) -> None:
+                     draws: Sequence[Tensor] | None = None, view: View | None = None,
+                     state: dict | None = None) -> None:
     """Unadjusted Langevin: W ← (1 − lr λ) W − lr ∂L/∂W, then the noise term adds
-    sqrt(2 lr/β) × its noise (see dlntorch.noise)."""
+    sqrt(2 lr/β) × its noise (see dlntorch.noise); a `whole_step` term (balanced on d×d factors)
+    takes the whole step from the gradients in its own coordinates, keeping `state` (its counts)."""
+    if noise.whole_step:
+        noise.step_(params, grads, lr, beta, generator, {} if state is None else state)
+        return
     for p, g in zip(params, grads):
         if weight_decay:   # W − lr(g + λW) = (1 − lr λ) W − lr g
             p.mul_(1 - lr * weight_decay)
         p.add_(g, alpha=-lr)
     noise.add_(params, math.sqrt(2 * lr / beta), generator, draws, same if view is None else view)
+
+
+def sgd_drift(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, weight_decay: float) -> list[Tensor]:
+    """`sgd_update_` out of place, the same ops (g + λW, then W − lr·g): what torch.compile traces
+    (dynamics/compiled.py). Traced in place (`torch._foreach_add_` on the compiled function's
+    inputs), torch 2.13 compiled a wrong step (a relative error of 1e-3 after one step on the
+    planes layout); out of place it matches the eager kernel to rounding."""
+    if weight_decay:
+        grads = [torch.add(g, p, alpha=weight_decay) for p, g in zip(params, grads)]
+    return [torch.add(p, g, alpha=-lr) for p, g in zip(params, grads)]
+
+
+def langevin_drift(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, weight_decay: float) -> list[Tensor]:
+    """The drift of `langevin_update_` out of place, the same ops ((1 − lr λ) W − lr ∂L/∂W);
+    the noise term is added after it, eagerly (it draws from a generator). See `sgd_drift`."""
+    if weight_decay:
+        params = [p * (1 - lr * weight_decay) for p in params]
+    return [torch.add(p, g, alpha=-lr) for p, g in zip(params, grads)]
 
 
 def group_rmsprop_update_(params: Sequence[Tensor], grads: Sequence[Tensor], second_moment: Tensor, lr: float,
@@ -97,7 +123,7 @@ class Langevin(Optimizer):
 
     def __init__(self, params: Iterable[Tensor], lr: float, beta: float, weight_decay: float = 0.0,
                  generator: torch.Generator | None = None, noise: str = "isotropic",
-                 kappa: float | None = None):
+                 kappa: float | None = None, singular_threshold: float = 1e-6):
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr={lr} must be finite and > 0")
         if not (beta > 0):
@@ -106,7 +132,7 @@ class Langevin(Optimizer):
             raise ValueError(f"noise={noise!r} must be one of {NOISES.names()}")
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay))
         self.generator, self.noise = generator, noise
-        self.term: NoiseTerm = noise_term(noise, kappa)
+        self.term: NoiseTerm = noise_term(noise, kappa, singular_threshold)
         self.term.check_start([p for group in self.param_groups for p in group["params"]])
 
     @torch.no_grad()
@@ -124,7 +150,7 @@ class Langevin(Optimizer):
         """The kernel with this optimizer's hyper-parameters and noise (the fast path calls it too)."""
         group = self.param_groups[0] if group is None else group
         langevin_update_(params, grads, group["lr"], group["beta"], group["weight_decay"], self.term,
-                         self.generator, draws, view)
+                         self.generator, draws, view, self.state[params[0]] if self.term.whole_step else None)
 
 
 class GroupRMSprop(Optimizer):
@@ -160,31 +186,78 @@ class GroupRMSprop(Optimizer):
 # ------------------------------------------------------------------------------ schedules
 
 # name → build(cfg.optim, optimizer, steps) -> LRScheduler | None; stepped once per optimiser step
+# over a run of `steps` steps. extra["elapsed"](cfg.optim, S, T) = Σ_{k<S} lr_k in closed form, the
+# clock t after S steps of a run of T steps: run.time sets the step budget by it (config.budget)
 SCHEDULES = Registry("optim.schedule")
 
 
-@SCHEDULES.register("constant")
+def _constant_elapsed(cfg: Any, S: int, T: int) -> float:
+    return cfg.lr * S
+
+
+def _cosine_elapsed(cfg: Any, S: int, T: int) -> float:
+    """(lr/2) Σ_{k<S} (1 + cos(πk/T)), by Σ_{k<S} cos(kθ) = sin(Sθ/2) cos((S−1)θ/2) / sin(θ/2)."""
+    theta = math.pi / T
+    return cfg.lr / 2 * (S + math.sin(S * theta / 2) * math.cos((S - 1) * theta / 2) / math.sin(theta / 2))
+
+
+def _step_elapsed(cfg: Any, S: int, T: int) -> float:
+    """lr Σ_{k<S} γ^⌊k/s⌋: q whole blocks of s steps, then r steps at γ^q."""
+    s, gamma = cfg.decay_every, cfg.decay_factor
+    q, r = divmod(S, s)
+    blocks = q if gamma == 1 else (1 - gamma ** q) / (1 - gamma)
+    return cfg.lr * (s * blocks + r * gamma ** q)
+
+
+def _warmup_elapsed(cfg: Any, S: int, T: int) -> float:
+    """lr Σ_{k<S} min(1, (k + 1)/W)."""
+    W = cfg.warmup_steps
+    ramp = min(S, W)
+    return cfg.lr * (ramp * (ramp + 1) / (2 * W) + max(S - W, 0))
+
+
+@SCHEDULES.register("constant", elapsed=_constant_elapsed)
 def _constant(cfg: Any, optimizer: Optimizer, steps: int) -> None:
     return None                      # lr throughout: t = lr × step, the fast path untouched
 
 
-@SCHEDULES.register("cosine")
+@SCHEDULES.register("cosine", elapsed=_cosine_elapsed)
 def _cosine(cfg: Any, optimizer: Optimizer, steps: int) -> lr_scheduler.LRScheduler:
-    """lr_k = lr (1 + cos(π k / T)) / 2 from optim.lr to 0 over the run's T = run.steps."""
+    """lr_k = lr (1 + cos(π k / T)) / 2 from optim.lr to 0 over the run's T steps."""
     return lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
 
 
-@SCHEDULES.register("step")
+@SCHEDULES.register("step", elapsed=_step_elapsed)
 def _step(cfg: Any, optimizer: Optimizer, steps: int) -> lr_scheduler.LRScheduler:
     """lr_k = lr · decay_factor^⌊k / decay_every⌋."""
     return lr_scheduler.StepLR(optimizer, step_size=cfg.decay_every, gamma=cfg.decay_factor)
 
 
-@SCHEDULES.register("warmup")
+@SCHEDULES.register("warmup", elapsed=_warmup_elapsed)
 def _warmup(cfg: Any, optimizer: Optimizer, steps: int) -> lr_scheduler.LRScheduler:
     """Linear warm-up, then constant: lr_k = lr · min(1, (k + 1) / warmup_steps)."""
     W = cfg.warmup_steps
     return lr_scheduler.LinearLR(optimizer, start_factor=1 / W, end_factor=1.0, total_iters=max(W - 1, 1))
+
+
+def steps_to_reach(cfg: Any, time: float) -> int | None:
+    """The fewest steps S with Σ_{k<S} lr_k ≥ time under cfg.schedule in a run of S steps (cosine
+    spans the run's steps, so t = lr (S + 1)/2 there), or None if the schedule never gets there:
+    a decaying step schedule sums to less than lr·s/(1 − γ). The 1e-9·lr keeps the clock's float
+    sum from missing `time` by one step (as at constant lr)."""
+    elapsed = SCHEDULES[cfg.schedule].extra["elapsed"]
+    goal = time - 1e-9 * cfg.lr
+    if cfg.schedule == "step" and cfg.decay_factor < 1 and \
+            goal >= (1 - 1e-12) * cfg.lr * cfg.decay_every / (1 - cfg.decay_factor):
+        return None
+    high = 1
+    while elapsed(cfg, high, high) < goal:       # t(S) grows with S: doubling, then bisection
+        high *= 2
+    low = high // 2                              # t(low) < goal ≤ t(high) (or high = 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if elapsed(cfg, middle, middle) < goal else (low, middle)
+    return high
 
 
 def build_schedule(cfg: Any, optimizer: Optimizer, steps: int) -> lr_scheduler.LRScheduler | None:
@@ -294,6 +367,7 @@ class LangevinConfig(StepRule):
     beta: float = 1e4                   # inverse temperature
     noise: str = "isotropic"            # a registered noise model (dlntorch.noise)
     kappa: Optional[float] = None       # tangential: weight of the normal noise, in [0, 1] (None: 0)
+    singular_threshold: float = 1e-6    # balanced (d×d): σ_min(W) below this counts a singular hit
 
 
 def _check_rule(cfg: Any) -> None:
@@ -308,9 +382,11 @@ def _check_rule(cfg: Any) -> None:
         at_least("optim.decay_every", optim.decay_every, 1)
         if not (isinstance(optim.decay_factor, (int, float)) and 0 < optim.decay_factor <= 1):
             fail("optim.decay_factor", optim.decay_factor, "it must be in (0, 1]")
-    if schedule != "constant" and cfg.run.time is not None:
-        fail("run.time", cfg.run.time, f"with optim.schedule={schedule} it must be left unset, since t = Σ lr_k "
-             "is not lr × step (set the run's length by run.steps)")
+    if schedule != "constant" and cfg.run.time is not None and cfg.run.steps is None and \
+            steps_to_reach(optim, cfg.run.time) is None:
+        limit = optim.lr * optim.decay_every / (1 - optim.decay_factor)
+        fail("run.time", cfg.run.time, f"with optim.schedule=step it must be at most Σ_k lr_k = lr·decay_every/"
+             f"(1 − decay_factor) = {limit:g}, all the time that schedule ever takes (or set run.steps)")
     if optim.get("batch_size") is not None:
         at_least("optim.batch_size", optim.batch_size, 1)
         check_batch_size(optim.batch_size, minibatch_units(cfg.task), cfg.task.name)
@@ -358,6 +434,7 @@ def _check_langevin(cfg: Any) -> None:
     _check_rule(cfg)
     positive_finite("optim.beta", cfg.optim.beta)
     noise = NOISES[cfg.optim.noise]
+    non_negative_finite("optim.singular_threshold", cfg.optim.singular_threshold)
     if cfg.optim.kappa is not None and cfg.optim.noise != "tangential":
         fail("optim.kappa", cfg.optim.kappa, "it mixes normal noise into optim.noise=tangential only")
     if noise.check is not None:
@@ -373,13 +450,20 @@ def _langevin_kernel(optimizer: Langevin, state, grads, draws=None, view=None) -
     optimizer.update_(state, grads, draws=draws, view=view)
 
 
-@OPTIMISERS.register("gd", schema=GdConfig, check=_check_rule, kernel=_sgd_kernel)
+def _langevin_noise(optimizer: Langevin, state, draws=None, view=None) -> None:
+    """What `_langevin_kernel` adds after its drift: the noise term's sqrt(2 lr/β) × its noise."""
+    group = optimizer.param_groups[0]
+    optimizer.term.add_(state, math.sqrt(2 * group["lr"] / group["beta"]), optimizer.generator, draws,
+                        same if view is None else view)
+
+
+@OPTIMISERS.register("gd", schema=GdConfig, check=_check_rule, kernel=_sgd_kernel, drift=sgd_drift)
 def _gd(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:
     """State: none."""
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0, weight_decay=cfg.weight_decay)
 
 
-OPTIMISERS.register("sgd", schema=SgdConfig, check=_check_rule, kernel=_sgd_kernel)(_gd)
+OPTIMISERS.register("sgd", schema=SgdConfig, check=_check_rule, kernel=_sgd_kernel, drift=sgd_drift)(_gd)
 
 
 @OPTIMISERS.register("momentum", schema=MomentumConfig, check=_check_momentum)
@@ -422,11 +506,12 @@ def _group_rmsprop(cfg: Any, params: list[Tensor], generator: torch.Generator | 
     return GroupRMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-@OPTIMISERS.register("langevin", schema=LangevinConfig, check=_check_langevin, kernel=_langevin_kernel)
+@OPTIMISERS.register("langevin", schema=LangevinConfig, check=_check_langevin, kernel=_langevin_kernel,
+                     drift=langevin_drift, noise=_langevin_noise)
 def _langevin(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:
     """State: none but the generator (checkpointed by the dynamics)."""
     return Langevin(params, lr=cfg.lr, beta=cfg.beta, weight_decay=cfg.weight_decay, generator=generator,
-                    noise=cfg.noise, kappa=cfg.kappa)
+                    noise=cfg.noise, kappa=cfg.kappa, singular_threshold=cfg.singular_threshold)
 
 
 def build_optimizer(cfg: Any, params: list[Tensor], generator: torch.Generator | None) -> Optimizer:

@@ -12,6 +12,7 @@ anything afterwards (dlntorch.analysis.Run.product, .factors, .balancedness()).
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .hooks import Hooks
 from .logger import TensorBoardLog, histogram_steps, to_numpy
-from .metrics import check_entries, observe
+from .metrics import check_entries, observe, product_drift
 from .network import chain
+from .sharpness import observed_sharpness
 
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
 FLUSH_ELEMENTS = 1 << 22      # pending snapshot entries (×8 bytes) before observing them
@@ -53,6 +56,16 @@ def readable_size(size: float) -> str:
     return f"{size / 1024:.1f} GiB"
 
 
+def stability_limit(dynamics: Any) -> float | None:
+    """2/lr of the next step of step-based dynamics (a schedule moves lr), beside the sharpness:
+    gradient descent is stable near a point only while λ_max < 2/lr. None for the flows."""
+    optimizer = getattr(dynamics, "optimizer", None)
+    if optimizer is None:
+        return None
+    lr = float(optimizer.param_groups[0]["lr"])
+    return 2 / lr if lr > 0 else math.inf        # a cosine schedule's last lr is 0: no limit
+
+
 def warn_if_large(factors: Sequence[torch.Tensor], rows: int) -> None:
     size = factor_bytes(factors, rows)
     if size > FACTORS_WARN_BYTES:
@@ -78,18 +91,32 @@ class Recorder:
         self.save_product = saves_product(run.save_product, task.shape)
         if run.save_factors:
             warn_if_large(dynamics.factors(), len(grid))
+        self.sharpness = run.sharpness_iterations     # Lanczos steps per logged time; 0: off
+        if self.sharpness and len(dynamics.factors()) != dynamics.depth:
+            raise ConfigError(f"run.sharpness_iterations={self.sharpness} is not allowed with these dynamics: "
+                              f"they integrate the product W, not the {dynamics.depth} factors whose Hessian "
+                              "the sharpness is; use 0.")
         self.tb: TensorBoardLog | None = None   # opened by `open` (a resumed run purges first)
         self.pending: list[tuple] = []          # logged snapshots not yet observed
         self.last_flush = time.monotonic()
 
+    @property
+    def stochastic(self) -> bool:
+        """Stochastic dynamics: the product's drift is observed, and TensorBoard carries 95 % bands
+        over replicas (a run resumed from a checkpoint older than W0 has no drift)."""
+        return bool(getattr(self.dynamics, "stochastic", False)) and self.state.W0 is not None
+
     def open(self, log_dir: Path, purge_step: int | None) -> None:
         self.tb = TensorBoardLog(log_dir, self.run.log_replicas, purge_step=purge_step, tags=self.run.tb_tags,
-                                 histogram_steps=histogram_steps(self.grid, self.run.histogram_points))
+                                 histogram_steps=histogram_steps(self.grid, self.run.histogram_points),
+                                 bands=self.stochastic)
 
     def snapshot(self) -> tuple:
         s = self.state
-        return (s.step, s.t, [f.clone() for f in self.dynamics.factors()],
-                {k: v.clone() for k, v in self.dynamics.observables().items()}, s.diverged.clone())
+        extras = {k: v.clone() for k, v in self.dynamics.observables().items()}
+        if self.sharpness and (limit := stability_limit(self.dynamics)) is not None:
+            extras["stability_limit"] = torch.full_like(s.diverged, limit, dtype=self.dynamics.factors()[0].dtype)
+        return (s.step, s.t, [f.clone() for f in self.dynamics.factors()], extras, s.diverged.clone())
 
     def log(self) -> None:
         with self.hooks.phase("log"):
@@ -102,8 +129,8 @@ class Recorder:
         """The step of the latest logged time, observed or not; None before the first."""
         if self.pending:
             return self.pending[-1][0]
-        rows = self.state.trajectory.rows
-        return int(rows[-1]["step"]) if rows else None
+        last = self.state.trajectory.last
+        return None if last is None else int(last["step"])
 
     def rows(self, snapshots: list[tuple]) -> list[dict[str, np.ndarray]]:
         """The logged rows of snapshots, observed as one batch of K·B replicas."""
@@ -115,8 +142,13 @@ class Recorder:
                       beta=self.beta, depth=self.dynamics.depth, diverged=dead, sigma_k=self.run.sigma_k,
                       entries=self.entries)
         obs.update({k: torch.cat([extra[k] for extra in extras]) for k in extras[0]})
+        W = chain(stacked) if self.save_product or self.stochastic else None
+        if self.stochastic:         # the product's drift ‖W(t) − W(0)‖ (balance, S_N, F_β: observe)
+            obs["product_drift"] = product_drift(W, self.state.W0.repeat(K, 1, 1), dead)
+        if self.sharpness:          # k Hessian-vector products for all K·B replicas at once
+            obs["sharpness"] = observed_sharpness(stacked, self.task, self.sharpness, dead)
         if self.save_product:       # the raw state: a diverged replica keeps its own values
-            obs["product"] = chain(stacked)
+            obs["product"] = W
         if self.run.save_factors:
             obs.update({f"factor_{p}": f for p, f in enumerate(stacked, start=1)})
         arrays, dead = to_numpy(obs), dead.cpu().numpy().astype(np.float64)

@@ -21,22 +21,26 @@ from .logger import aggregate
 
 def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, out: Path,
               seeds: dict[str, int], device: torch.device, widths: list[int], total_steps: int,
-              counters: dict[str, Any], wall_time: float, dynamics_depth: Any = None) -> dict[str, Any]:
+              counters: dict[str, Any], wall_time: float, dynamics_depth: Any = None,
+              stochastic: bool = False) -> dict[str, Any]:
     """summary.json of a completed run: what ran (config, seeds, environment, shapes), how far
     (steps, t, gradient evaluations, the dynamics' counters, wall time, why it stopped), and the
     final row: per replica, aggregated over live replicas, and its events (first passages,
     rank jumps). `state` is the run's rundir.RunState, `final` its last logged row;
-    `dynamics_depth` the N the dynamics integrates (downstairs: optim.depth, maybe inf)."""
+    `dynamics_depth` the N the dynamics integrates (downstairs: optim.depth, maybe inf);
+    `stochastic`: Langevin-like dynamics, whose aggregates carry the 95 % band of the mean and
+    whose converged level is temperature-aware (converged_level)."""
     s = state
     # the state (product, factors: analysis reads them from trajectory.npz) stays out of the JSON
     per_replica = {k: v.tolist() for k, v in final.items() if k not in ("step", "t") and v.ndim <= 2}
     per_replica["diverged"] = [bool(x) for x in final["diverged"]]
     live = final["diverged"] == 0
-    converged = live & (final["energy"] < cfg.run.converged_energy)
-    aggregates = {k: aggregate(np.where(live, v, np.nan)) for k, v in final.items()
+    level = converged_level(cfg, (widths[-1], widths[0]), stochastic)
+    converged = live & (final["energy"] < level)
+    aggregates = {k: aggregate(np.where(live, v, np.nan), band=stochastic) for k, v in final.items()
                   if v.ndim == 1 and k not in ("step", "t", "diverged")}
     # first passage below the stop level (1e-8 when the run has none) and rank jumps
-    events = summarise_events(s.trajectory.arrays(), cfg.run.stop_energy or 1e-8)
+    events = trajectory_events(s.trajectory, cfg.run.stop_energy or 1e-8)
     aggregates["convergence_time"] = aggregate(np.where(live, events["convergence_time"], np.nan))
     return {
         "status": "completed" if live.any() else "diverged",
@@ -55,6 +59,7 @@ def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, o
         **counters,
         "wall_time": wall_time,
         "diverged_count": int((~live).sum()),
+        "converged_level": level,
         "converged": int(converged.sum()),
         "converged_fraction": float(converged.mean()),
         # near a rank-one minimiser: converged (a replica still at the origin has a small
@@ -64,6 +69,32 @@ def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, o
         "final": per_replica,
         "events": events,
     }
+
+
+def converged_level(cfg: DictConfig, shape: tuple[int, int], stochastic: bool) -> float:
+    """The final energy below which a replica counts as converged: run.converged_energy, plus, for
+    stochastic dynamics at inverse temperature β, the thermal level m·n/β of an m x n product.
+    Why: at equilibrium near a minimiser the law ∝ e^{−βL} is Gaussian in the at most m·n
+    directions that change E, so βE is half a χ² with at most m·n degrees of freedom (mean m·n/2β,
+    equipartition), and E < m·n/β for all but ≲ 10 % of the replicas (P(χ²_4 > 8) = 0.09 for a
+    fully observed 2x2 task, less for larger m·n); E never reaches 1e-6 at β ≲ 1e6, and the plain
+    rule would call every replica unconverged."""
+    beta = cfg.optim.get("beta") if stochastic else None
+    thermal = shape[0] * shape[1] / float(beta) if beta else 0.0
+    return float(cfg.run.converged_energy) + thermal
+
+
+EVENT_BLOCK = 1 << 16       # replicas whose time series summarise_events holds at once
+
+
+def trajectory_events(trajectory: Any, energy_level: float) -> dict[str, list]:
+    """summarise_events over the whole trajectory, EVENT_BLOCK replicas at a time (read from the
+    row files), so that its memory does not grow with T × B."""
+    names = [n for n in ("energy", "singular_values") if n in trajectory.columns]
+    t, replicas = trajectory.array("t"), trajectory.last["energy"].shape[0]
+    parts = [summarise_events({"t": t, **{n: trajectory.replicas(n, slice(b, b + EVENT_BLOCK)) for n in names}},
+                              energy_level) for b in range(0, replicas, EVENT_BLOCK)]
+    return {key: [x for part in parts for x in part[key]] for key in parts[0]}
 
 
 def stopped_by(cfg: DictConfig, state: Any, live: np.ndarray, total_steps: int) -> str:
@@ -199,12 +230,22 @@ def table(summary: dict[str, Any]) -> str:
     B, run = summary["replicas"], cfg["run"]
     near, converged = summary["near_rank_one"], summary["converged"]
     lines += ["",
-              f"converged (E < {run['converged_energy']:g}): {converged} / {B} ({100 * converged / B:.0f} %)",
+              f"converged (E < {converged_energy_text(summary)}): {converged} / {B} ({100 * converged / B:.0f} %)",
               f"near rank one (converged, effective rank < {run['rank_one_tol']:g}): {near} / {B}"
               f" ({100 * near / B:.0f} %)",
               f"diverged: {summary['diverged_count']}"]
     advice = not_converged_advice(summary)
     return "\n".join(lines + ([advice] if advice else []))
+
+
+def converged_energy_text(summary: dict[str, Any]) -> str:
+    """The converged level as the table prints it: run.converged_energy, or, where the level is
+    temperature-aware (converged_level), its value with the rule."""
+    run = summary["config"]["run"]
+    level = summary.get("converged_level", run["converged_energy"])
+    if level == run["converged_energy"]:
+        return f"{level:g}"
+    return f"{level:.3g} = run.converged_energy + m·n/β"
 
 
 def not_converged_advice(summary: dict[str, Any]) -> str | None:
@@ -215,6 +256,6 @@ def not_converged_advice(summary: dict[str, Any]) -> str | None:
     if 2 * converged >= B or live == 0:
         return None
     cfg = summary["config"]
-    return (f"warning: {B - converged} of {B} replicas did not converge (E ≥ {cfg['run']['converged_energy']:g} "
+    return (f"warning: {B - converged} of {B} replicas did not converge (E ≥ {converged_energy_text(summary)} "
             f"at t = {summary['t']:.4g}): run longer: run.time={10 * summary['t']:.4g} / "
             f"run.steps={10 * summary['steps']}, or start larger: init.scale={10 * cfg['init']['scale']:g}")

@@ -16,9 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .config import CHECKPOINT, EVENTS, FINISHED, SUMMARY, TRAJECTORY, derive_seeds, leaves, run_dir
+from .config import CHECKPOINT, EVENTS, FINISHED, SUMMARY, TRAJECTORY, TRAJECTORY_ROWS, derive_seeds, leaves, run_dir
 from .errors import ConfigError
-from .logger import Trajectory, atomic_write_bytes, write_json
+from .logger import atomic_write_bytes, write_json
+from .trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 SUPERSEDED = "superseded"      # <run dir>/superseded/<time>/: a fresh start's old events
@@ -36,6 +37,7 @@ class RunState:
     gradient_evaluations: int = 0
     diverged: Tensor | None = None         # (B,) bool
     G0: list[Tensor] = field(default_factory=list)
+    W0: Tensor | None = None               # the product at t = 0 (for the drift ‖W(t) − W(0)‖)
     trajectory: Trajectory = field(default_factory=Trajectory)
     elapsed: float = 0.0                   # wall seconds before this process (resumed runs)
     stopped: bool = False                  # by run.stop_energy
@@ -54,6 +56,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.events = self.path / EVENTS
+        self.rows = self.path / TRAJECTORY_ROWS     # the trajectory's row files while the run logs
 
     @classmethod
     def create(cls, cfg: DictConfig) -> RunDir:
@@ -81,13 +84,14 @@ class RunDir:
     def save(self, state: RunState, dynamics: Any, cfg: DictConfig, elapsed: float) -> None:
         """Write checkpoint.pt atomically (temporary file, then rename): a crash or a kill at any
         moment leaves the previous checkpoint whole and usable. The trajectory so far goes to
-        trajectory.npz first; the checkpoint records how many of its rows are its own, so a crash
-        between the two writes leaves a consistent pair."""
+        trajectory.npz first (assembled from the row files); the checkpoint records how many of its
+        rows are its own, so a crash between the two writes leaves a consistent pair."""
         s = state
         s.trajectory.save(self.path / TRAJECTORY)
         payload = {"step": s.step, "t": s.t, "gradient_evaluations": s.gradient_evaluations,
                    "diverged": s.diverged.cpu(), "G0": [g.cpu() for g in s.G0],
-                   "trajectory_rows": len(s.trajectory.rows), "elapsed": elapsed,
+                   "W0": None if s.W0 is None else s.W0.cpu(),
+                   "trajectory_rows": len(s.trajectory), "elapsed": elapsed,
                    "dynamics": dynamics.state_dict(), "config": OmegaConf.to_container(cfg),
                    "stopped": s.stopped, "finished": s.finished}
         atomic_write_bytes(self.path / CHECKPOINT, lambda h: torch.save(payload, h))
@@ -103,7 +107,8 @@ class RunDir:
         s.step, s.t, s.gradient_evaluations = payload["step"], payload["t"], payload["gradient_evaluations"]
         s.diverged = payload["diverged"].to(device)
         s.G0 = [g.to(device) for g in payload["G0"]]
-        s.trajectory = Trajectory.load(self.path / TRAJECTORY, payload["trajectory_rows"])
+        s.W0 = None if payload.get("W0") is None else payload["W0"].to(device)   # older checkpoints lack it
+        s.trajectory.restore(self.path / TRAJECTORY, payload["trajectory_rows"])
         s.elapsed = payload["elapsed"]
         s.stopped, s.finished = payload["stopped"], payload["finished"]
         dynamics.load_state_dict(payload["dynamics"])

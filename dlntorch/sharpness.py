@@ -76,6 +76,19 @@ def sharpness(factors: Sequence[Tensor], task, iterations: int = 20, seed: int =
     return torch.linalg.eigvalsh(0.5 * (T + T.mT))[:, -1]
 
 
+def observed_sharpness(factors: Sequence[Tensor], task, iterations: int, diverged: Tensor | None = None) -> Tensor:
+    """The observable `sharpness` (run.sharpness_iterations = `iterations` > 0): λ_max per
+    replica, NaN for diverged or non-finite replicas (computed on zeros instead, since the
+    Rayleigh–Ritz eigensolver refuses non-finite input)."""
+    raw = [f.detach() for f in factors]
+    B = raw[0].shape[0]
+    bad = ~torch.stack([torch.isfinite(f).flatten(1).all(1) for f in raw]).all(0)
+    if diverged is not None:
+        bad = bad | diverged
+    safe = [torch.where(bad.view(B, 1, 1), torch.zeros_like(f), f) for f in raw]
+    return torch.where(bad, torch.nan, sharpness(safe, task, iterations))
+
+
 def largest_stable_lr(factors: Sequence[Tensor], task, iterations: int = 20) -> float:
     """min over replicas of 2/λ_max at these factors (inf where no replica has λ_max > 0)."""
     top = sharpness(factors, task, iterations)

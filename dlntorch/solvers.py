@@ -14,6 +14,10 @@ intervals of the hardest replica in each — so one call costs about what its ha
 needs alone. Replicas that have reached the last time, and frozen ones (a caller's mask, e.g.
 diverged replicas), neither move nor count; once at most half of the working batch still moves it
 is compacted to the movers, so a few hard replicas run as a small batch instead of a large one.
+A caller's predicate `done` (e.g. E < a threshold) is tested on each replica's state at every
+output time it reaches (the first included): a replica it holds for stops there, keeps that state
+at the later times and costs nothing more — a converged replica does not go on stepping, at the
+step its stability allows, to the last time.
 
 The right-hand side must act row by row — replica b's velocity depends only on replica b's state —
 and accept any number of rows (it is called on subsets); a closed-form gradient such as
@@ -29,6 +33,7 @@ from torch import Tensor
 
 State = tuple[Tensor, ...]
 Velocity = Callable[[State], Sequence[Tensor]]
+Done = Callable[[State], Tensor]
 
 # Dormand–Prince 5(4): nodes c, stage matrix a (row i: the weights of k_1..k_i in stage i+1), the
 # 5th-order weights b = the last row of a (the 7th stage is f(y₁): the next step's first, FSAL)
@@ -85,7 +90,8 @@ class Solution:
     Per replica (B,): accepted and rejected steps, evaluations it took part in, the step size it
     would take next (pass it back as first_step to resume without a fresh step selection), and
     failed — replicas whose step collapsed (a non-finite or unreachable error): they stop where
-    they last stepped successfully and are reported, never waited for."""
+    they last stepped successfully and are reported, never waited for; stopped_at — the index of
+    the output time at which `done` stopped the replica (−1: it did not stop)."""
 
     states: State
     evaluations: int
@@ -94,6 +100,7 @@ class Solution:
     replica_evaluations: Tensor
     step: Tensor
     failed: Tensor
+    stopped_at: Tensor
 
     def final(self) -> State:
         return tuple(x[-1] for x in self.states)
@@ -132,7 +139,7 @@ class _Replicas:
     subset can be gathered into a working batch and written back by index in one pass."""
 
     FIELDS = ("y", "k1", "t", "h", "err_prev", "after_reject", "failed", "next_output", "accepted", "rejected",
-              "evals")
+              "evals", "stopped_at")
 
     def __init__(self, **fields: Tensor):
         for name in self.FIELDS:
@@ -170,6 +177,7 @@ def dopri5(
     controller: Controller | None = None,
     compact: bool = True,
     max_iterations: int = 10_000_000,
+    done: Done | None = None,
 ) -> Solution:
     """Integrate dy/dt = velocity(y) from `state` at times[0] through every time in `times`
     (strictly increasing), each replica with its own adaptive step.
@@ -178,6 +186,8 @@ def dopri5(
     (B,) tensor such as a previous Solution.step. frozen: (B,) bool; those replicas keep their
     state at every output time and cost nothing. compact=False keeps the working batch whole
     (for a velocity that needs all B rows). rtol/atol are per entry, as in the error norm above.
+    done: a row-wise predicate on the state ((B',) bool for any B' rows), tested at output times;
+    a replica stops at the first output time where it holds (see the module's docstring).
     """
     state = tuple(x.detach() for x in state)
     if not state:
@@ -210,11 +220,15 @@ def dopri5(
                      h=full(0.0, torch.float64) if h0 is None else h0, err_prev=full(1e-4, torch.float64),
                      after_reject=full(False, torch.bool), failed=full(False, torch.bool),
                      next_output=full(1, torch.long), accepted=full(0, torch.long), rejected=full(0, torch.long),
-                     evals=full(0, torch.long))
+                     evals=full(0, torch.long), stopped_at=full(-1, torch.long))
     # every output time starts as the initial state: right for frozen replicas; the others'
     # rows are all overwritten as they land (a failed replica's by its last state, below)
     outputs = y0.unsqueeze(0).repeat(len(times), 1, 1)
-    live = (~frozen).nonzero().flatten()
+    if done is not None:      # done at the start: stopped at output 0, never moves
+        at_start = ~frozen & done(state).to(device, torch.bool)
+        home.stopped_at[at_start] = 0
+        home.next_output[at_start] = len(times)
+    live = (~frozen & (home.stopped_at < 0)).nonzero().flatten()
     if live.numel():
         work = home.gather(live)
         work.k1 = f(work.y)    # the first stage; afterwards each step's last stage is the next's first
@@ -222,11 +236,17 @@ def dopri5(
         if h0 is None:
             work.h = _initial_step(f, work, rtol, atol, float(times[1] - times[0]))
             work.evals += 1
-        _integrate(f, home, live, work, times, outputs, rtol, atol, controller, compact, max_iterations)
+        _integrate(f, home, live, work, times, outputs, rtol, atol, controller, compact, max_iterations,
+                   None if done is None else lambda y: done(layout.split(y)).to(torch.bool))
     for b in home.failed.nonzero().flatten().tolist():
         outputs[int(home.next_output[b]):, b] = home.y[b]
+    # a stopped replica keeps its state at every output time after the one it stopped at
+    after = torch.arange(len(times), device=device).view(-1, 1) > home.stopped_at.view(1, -1)
+    after &= (home.stopped_at >= 0).view(1, -1)
+    outputs = torch.where(after.unsqueeze(-1), home.y.unsqueeze(0), outputs)
     states = tuple(x.contiguous() for x in layout.split(outputs))
-    return Solution(states, evaluations, home.accepted, home.rejected, home.evals, home.h, home.failed)
+    return Solution(states, evaluations, home.accepted, home.rejected, home.evals, home.h, home.failed,
+                    home.stopped_at)
 
 
 def _initial_step(f, work: _Replicas, rtol: float, atol: float, span: float) -> Tensor:
@@ -246,7 +266,7 @@ def _initial_step(f, work: _Replicas, rtol: float, atol: float, span: float) -> 
 
 
 def _integrate(f, home: _Replicas, index: Tensor, work: _Replicas, times: Tensor, outputs: Tensor, rtol: float,
-               atol: float, controller: Controller, compact: bool, budget: int) -> None:
+               atol: float, controller: Controller, compact: bool, budget: int, done=None) -> None:
     """Step the replicas `index` of `home` (gathered as `work`) through all output times."""
     last = len(times) - 1
     tableau = torch.tensor([list(row) + [0.0] * (STAGES - len(row)) for row in A] + [list(E)],
@@ -268,6 +288,10 @@ def _integrate(f, home: _Replicas, index: Tensor, work: _Replicas, times: Tensor
         slot = work.next_output.clamp_max(last)
         landed = _step(f, work, moving, times[slot], rtol, atol, controller, tableau)
         outputs[slot, index] = torch.where(_row(landed), work.y, outputs[slot, index])
+        if done is not None and bool(landed.any()):
+            stops = landed & done(work.y)
+            work.stopped_at = torch.where(stops, slot, work.stopped_at)
+            work.next_output = torch.where(stops, last, work.next_output)   # past the last, below
         work.next_output += landed
     home.scatter(index, work)
 

@@ -32,6 +32,7 @@ from .recorder import Recorder
 from .report import depth_text, header, headline, hparams, summarise, sweep_of_this_job
 from .rundir import RunDir, RunState, hydra_overrides
 from .tasks import Task, build_task
+from .trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ class Lab:
         self.net.set_factors([f.to(self.device, self.dtype) for f in start])
         self.dynamics: Dynamics = build_dynamics(cfg, self.net, self.task, self.seeds["dynamics"])
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
-                              G0=[g.detach().clone() for g in self.net.balancedness()])
+                              G0=[g.detach().clone() for g in self.net.balancedness()],
+                              W0=self.net.product().detach().clone(),
+                              trajectory=Trajectory(self.rundir.rows))
         self.hooks = hooks or Hooks()
         self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run, self.grid, self.dynamics.beta,
                                  self.hooks)
@@ -249,7 +252,7 @@ class Lab:
         if s.finished:        # killed after its final checkpoint: only the reports are left
             return self.finish()
         bar = progress_bar(cfg, self.total_steps, s.step, self.dynamics.depth)
-        if s.step == 0 and not s.trajectory.rows:
+        if s.step == 0 and len(s.trajectory) == 0:
             self.check()
             self.recorder.log()
         with self.signals:
@@ -285,23 +288,24 @@ class Lab:
         with self.hooks.phase("finish"):
             s = self.state
             if s.finished:        # resumed past the final checkpoint: its step was purged
-                self.recorder.scalars(s.trajectory.rows[-1:])
+                self.recorder.scalars([s.trajectory.last])
             else:
                 if self.recorder.last_step() != s.step:
                     self.recorder.log()
                 s.finished = True
                 self.checkpoint()     # writes trajectory.npz too
-            final = s.trajectory.rows[-1]
+            final = s.trajectory.last
             self.recorder.histograms(s.step, final)
             summary = summarise(self.cfg, s, final, out=self.rundir.path, seeds=self.seeds,
                                 device=self.device, widths=self.widths, total_steps=self.total_steps,
                                 counters=self.dynamics.counters(), wall_time=s.elapsed + self.wall(),
-                                dynamics_depth=self.dynamics.depth)
+                                dynamics_depth=self.dynamics.depth, stochastic=self.dynamics.stochastic)
             if self.task.schedule is not None:
                 summary["schedule"] = self.task.schedule.record(self.dynamics.time)
             self.recorder.close(s.step, hparams(summary["config"], hydra_overrides(), sweep_of_this_job()),
                                 headline(summary))
             self.rundir.write_summary(summary)
+            s.trajectory.discard()      # complete: trajectory.npz holds every row
             if (line := self.diverged_line()) is not None:
                 log.warning(line)
             return summary

@@ -25,9 +25,14 @@ Sections (CPU unless said):
      torchode (per-instance steps, dense output) alongside when it is installed.
   6  noise models (dlntorch.noise) on the seed 2x2 task, depth 3, B = 4096, one Langevin step outside
      the run loop: seconds per replica-step of each model and its ratio to isotropic (target ≤ 10x),
-     and the share of a step spent in the fibre's projection solve, against the SVD it replaces
-     (`--sections 6`).
-  7  logging and fixed costs: the wall time of a whole run (built, trained, reported) with the
+     the share of a step spent in the fibre's projection solve (the normal equations of
+     dlntorch.fibre.minimum_norm_generator), and the cost of the SVD of τ (the fallback) against
+     that solve (`--sections 6`).
+  7  run.compile: the compiled GD step at B = 4096 (planes) against the eager one, and the compile time.
+  8  streaming trajectory: peak RSS (getrusage) of whole default-task runs in child processes, the
+     per-replica slope, the largest B in --memory-budget-gb, 200 logged rows against 21
+     (--stream-million: B = 1e6 too).
+  9  logging and fixed costs: the wall time of a whole run (built, trained, reported) with the
      default log grid against run.log_points=2, 20000 steps, interleaved, at B = 256 and 4096
      (seed 2x2) and for the 100x100 run; `python -m dlntorch` at B = 4096 start to exit against
      the baseline's steps/s; and, from a child process whose hooks mark its first and last step,
@@ -66,12 +71,14 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="section 4 runs on CUDA when this is cuda or auto and CUDA is present")
-    ap.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma-separated subset of 1,2,3,4,5,6,7")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="comma-separated subset of 1,…,9")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 7; quick 3)")
     ap.add_argument("--memory-budget-gb", type=float, default=8.0, help="CPU memory budget for 'largest B'")
     ap.add_argument("--peak-bandwidth", type=float, default=4.3e12, help="the card's memory bandwidth, B/s")
     ap.add_argument("--probe", nargs=3, metavar=("CASE", "B", "STEPS"), help=argparse.SUPPRESS)
     ap.add_argument("--process-probe", nargs=2, metavar=("B", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--run-probe", nargs=2, type=int, metavar=("B", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--stream-million", action="store_true", help="section 8 also runs B = 1e6 (minutes)")
     return ap.parse_args(argv)
 
 
@@ -661,9 +668,10 @@ class NoiseStepper:
 
 
 class ProjectionOnly(NoiseStepper):
-    """The projection solve alone, per step: the minimum-norm generator of P_𝐖 x (the batched
-    Cholesky of τ^T τ with its refinement, dlntorch.fibre.minimum_norm_generator), as the
-    tangential step does it once and the fibre_brownian step twice."""
+    """The projection solve alone, per step: the minimum-norm generator of P_𝐖 x (τ^T τ in closed
+    form, its Cholesky factorisation and the solve with one refinement, in the batch-last layout
+    at this size: dlntorch.fibre.minimum_norm_generator), as the tangential step does it once and
+    the fibre_brownian step twice."""
 
     def run(self, n: int) -> None:
         from dlntorch.fibre import flatten, minimum_norm_generator
@@ -708,7 +716,7 @@ def section_noise(repeats: int, chunk_s: float, quick: bool) -> dict:
     return {name: {k: v for k, v in r.items() if k != "all"} for name, r in result.items()}
 
 
-# ------------------------------------------------------------------------------ section 7
+# ------------------------------------------------------------------------------ section 9
 
 # where logging goes, as the loop's timing hooks name it (dlntorch.hooks): snapshots (with the
 # flushes they set off), their batched observables with the TensorBoard records (flush, which
@@ -746,7 +754,7 @@ def logging_overhead(case: list[str], label: str, B: int, steps: int, repeats: i
     note = (f"{steps} steps, {n} vs {points['two']} logged points: {t_default:.2f} s vs {t_two:.2f} s; per point: "
             + ", ".join(f"{k} {1e3 * v / n:.2f} ms" for k, v in parts["default"].items() if k != "finish")
             + f"; end of run {parts['default'].get('finish', 0):.2f} s vs {parts['two'].get('finish', 0):.2f} s")
-    target("7 logging", f"logging overhead, {label} B={B} (default grid vs {TWO_POINTS})", 100 * overhead, "%",
+    target("9 logging", f"logging overhead, {label} B={B} (default grid vs {TWO_POINTS})", 100 * overhead, "%",
            at_most=100 * limit, note=note)
     return {"B": B, "steps": steps, "wall_s": walls, "overhead": overhead, "logged_points": points, "parts_s": parts}
 
@@ -815,16 +823,16 @@ def whole_process(B: int, steps: int, repeats: int) -> dict:
     wall = min(walls)
     best = min(marks, key=lambda m: m["wall_s"])
     ratio = B * steps / wall * t_base
-    target("7 logging", f"whole process B={B}, {steps} steps, default logging: replica-steps/s / plain loop's",
+    target("9 logging", f"whole process B={B}, {steps} steps, default logging: replica-steps/s / plain loop's",
            ratio, "x", at_least=2000,
            note=f"python -m dlntorch start to exit {wall:.2f} s ({B * steps / wall:.3g} replica-steps/s); "
                 f"plain loop {1 / t_base:.0f} steps/s; first to last step (logging included): "
                 f"{B * steps / best['steps_s'] * t_base:.0f}x")
     building = best["start_to_first_step_s"] - best["imports_s"] - best["compose_s"]
-    row("7 logging", f"start → first step (B={B}, probe child)", best["start_to_first_step_s"], "s",
+    row("9 logging", f"start → first step (B={B}, probe child)", best["start_to_first_step_s"], "s",
         note=f"interpreter + imports {best['imports_s']:.2f} s, Hydra composition {best['compose_s']:.2f} s, "
              f"run dir, network, dynamics, TensorBoard writer, first row {building:.2f} s")
-    row("7 logging", f"last step → exit (B={B}, probe child)", best["last_step_to_exit_s"], "s",
+    row("9 logging", f"last step → exit (B={B}, probe child)", best["last_step_to_exit_s"], "s",
         note=f"final row, checkpoint, trajectory.npz, summary.json, histograms, hparams {best['reports_s']:.2f} s; "
              f"interpreter exit {best['last_step_to_exit_s'] - best['reports_s']:.2f} s")
     return {"B": B, "steps": steps, "cli_wall_s": walls, "probe": marks, "baseline_steps_per_s": 1 / t_base,
@@ -834,12 +842,94 @@ def whole_process(B: int, steps: int, repeats: int) -> dict:
 def section_logging(repeats: int, quick: bool) -> dict:
     """What logging costs, small and large, and what a run pays regardless of its length."""
     steps = 2000 if quick else 20_000
-    print(f"\n[7] logging and fixed costs: default runs over {steps} steps, CPU", flush=True)
+    print(f"\n[9] logging and fixed costs: default runs over {steps} steps, CPU", flush=True)
     out = {"overhead": {}}
     for B in (256, 4096):
         out["overhead"][B] = logging_overhead(SEED, "seed2x2", B, steps, repeats, 0.25)
     out["overhead"]["completion100"] = logging_overhead(COMPLETION, "completion100", 1, steps, repeats, 0.10)
     out["process"] = whole_process(4096, steps, 1 if quick else 2)
+    return out
+
+
+# ------------------------------------------------------------------------------ section 7
+
+def section_compile(repeats: int, chunk_s: float, quick: bool) -> dict:
+    """run.compile: the lab's loop at B = 4096 (seed 2x2, depth 3, GD: the planes layout), eager
+    against compiled, interleaved; the compile's cost is the first compiled step's wall time."""
+    print("\n[7] run.compile: compiled against eager GD step (CPU)", flush=True)
+    B = 4096
+    eager = make_lab(*SEED, f"replicas={B}", "run.compile=off", out="compile-eager")
+    fast = make_lab(*SEED, f"replicas={B}", "run.compile=on", out="compile-on")
+    started = time.perf_counter()
+    fast.dynamics.advance(1)                     # compiles (a warm inductor cache makes it seconds)
+    first = time.perf_counter() - started
+    if not fast.dynamics.compiles:
+        return row("7 compile", f"compiled GD step at B={B} / eager", float("nan"), "x", "≥ 1.8x", False,
+                   note="torch.compile failed here: the run fell back to eager (see the warning)")
+    res = race({"eager": LabLoop(eager), "compiled": LabLoop(fast)}, "cpu", repeats, chunk_s)
+    ratio = res["eager"]["min"] / res["compiled"]["min"]
+    print(f"  compile time {fast.dynamics.compile_seconds:.1f} s (first step {first:.1f} s)", flush=True)
+    row("7 compile", f"compile time, GD step at B={B} ({fast.dynamics.layout})", fast.dynamics.compile_seconds, "s",
+        note="the first compiled step's wall time; a cold inductor cache costs several times a warm one")
+    return row("7 compile", f"compiled GD step at B={B} ({fast.dynamics.layout}) / eager step", ratio, "x", "≥ 1.8x",
+               ratio >= 1.8, note=f"eager {res['eager']['min'] * 1e6:.0f} µs, compiled "
+                                  f"{res['compiled']['min'] * 1e6:.0f} µs per step (loop with stop checks)")
+
+
+# ------------------------------------------------------------------------------ section 8
+
+def run_probe(B: int, steps: int) -> None:
+    """Child process: one whole default-task run (`python -m dlntorch replicas=B run.steps=steps`,
+    default logging: TensorBoard, trajectory.npz, summary.json) and its peak RSS (getrusage)."""
+    import resource
+
+    from dlntorch.train import run
+    started = time.perf_counter()
+    summary = run(config(f"replicas={B}", f"run.steps={steps}", out=f"stream-{B}-{steps}"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rows = len(np.load(TMP / f"stream-{B}-{steps}" / "trajectory.npz")["t"])
+    print(json.dumps({"peak_kib": peak // 1024 if sys.platform == "darwin" else peak, "rows": rows,
+                      "wall_s": time.perf_counter() - started, "steps": summary["steps"]}))
+
+
+def run_probes_serially(specs: list[tuple[int, int]]) -> dict:
+    """One child at a time (a whole run at large B takes both cores' memory bandwidth)."""
+    out = {}
+    for B, steps in specs:
+        done = subprocess.run([sys.executable, __file__, "--threads", str(ARGS.threads), "--run-probe", str(B),
+                               str(steps)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"run probe B={B} steps={steps} failed: {done.stderr[-2000:]}")
+        out[(B, steps)] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def section_streaming(quick: bool) -> dict:
+    """Peak RSS of whole default-task runs: at two B over a short run (the per-replica slope and
+    the largest B in --memory-budget-gb; --stream-million: the larger B is 1e6, minutes), and
+    the small B over 174 logged rows against 6 (streamed rows: the peak no longer grows with them
+    by rows × B × row bytes)."""
+    print("\n[8] streaming trajectory: peak RSS of whole runs (CPU)", flush=True)
+    budget = ARGS.memory_budget_gb * 2 ** 30
+    small, large = (2000, 20000) if quick else (10000, 10 ** 6 if ARGS.stream_million else 100000)
+    short = 5                   # steps: 6 logged rows (at large B the peak does not depend on their count)
+    probes = run_probes_serially([(small, short), (large, short), (small, 2000)])
+    p1, p2, long = probes[(small, short)], probes[(large, short)], probes[(small, 2000)]
+    per = (p2["peak_kib"] - p1["peak_kib"]) * 1024 / (large - small)
+    fixed = p1["peak_kib"] * 1024 - per * small
+    largest = int((budget - fixed) / per)
+    row("8 streaming", "peak RSS per replica, whole default run", per, "B",
+        note=f"slope between B={small} and B={large} ({p1['rows']} logged rows); fixed {fixed / 2 ** 20:.0f} MiB")
+    row("8 streaming", f"peak RSS, {long['rows']} logged rows / {p1['rows']} (B={small})",
+        long["peak_kib"] / p1["peak_kib"], "x",
+        note=f"{long['peak_kib'] / 1024:.0f} MiB vs {p1['peak_kib'] / 1024:.0f} MiB: rows are streamed; what "
+             "grows is the recorder's batched observe (up to FLUSH_ELEMENTS snapshot entries at once)")
+    row("8 streaming", f"largest B of a whole default run in {ARGS.memory_budget_gb:g} GiB", largest, "replicas",
+        "≥ 5e6", largest >= 5e6, note="from the slope; the logged rows' count does not enter")
+    out = {"per_replica_bytes": per, "fixed_bytes": fixed, "largest_B": largest,
+           "probes": {f"B={B} steps={steps}": p for (B, steps), p in probes.items()}}
+    row("8 streaming", f"peak RSS, whole default run at B={large:.0e}", p2["peak_kib"] / 2 ** 20, "GiB",
+        note=f"{p2['rows']} logged rows, {p2['wall_s']:.0f} s")
     return out
 
 
@@ -864,6 +954,8 @@ def main() -> int:
         return 0
     if ARGS.process_probe:
         process_probe(*map(int, ARGS.process_probe))
+    if ARGS.run_probe:
+        run_probe(*ARGS.run_probe)
         return 0
     quick = ARGS.quick
     repeats = ARGS.repeats or (3 if quick else 7)
@@ -888,6 +980,10 @@ def main() -> int:
     if "6" in sections:
         details["noise"] = section_noise(repeats, chunk_s, quick)
     if "7" in sections:
+        details["compile"] = section_compile(repeats, chunk_s, quick)
+    if "8" in sections:
+        details["streaming"] = section_streaming(quick)
+    if "9" in sections:
         details["logging"] = section_logging(1 if quick else 3, quick)
     wall = time.perf_counter() - started
     print()

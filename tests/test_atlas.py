@@ -210,6 +210,9 @@ def test_p3_free_energy_quick(tmp_path):
     assert sum(int(b["observed"]) for b in bins) == settings["settings"]["scalar"]["replicas"]
     replicas = settings["settings"]["scalar"]["replicas"]
     assert sum(float(b["expected"]) for b in bins) == pytest.approx(replicas, rel=1e-6)
+    # (b′): rle and balanced on 2x2 against the RLE's law (the law itself is tested in tests/test_rle.py)
+    for model in ("rle", "balanced"):
+        assert all(0 < settings["findings"][f"{model}_p_sigma{k}"] <= 1 for k in (1, 2))
 
 
 @pytest.mark.slow

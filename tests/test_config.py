@@ -138,7 +138,7 @@ def test_widths_define_the_depth(make_cfg):
 
 
 EXPERIMENTS = ["seed2x2", "other_minimisers", "free_energy", "infinite_depth", "balance_by_noise",
-               "conservation", "rank_jumps",
+               "conservation", "rank_jumps", "practical_vs_flow",
                "saxe2014", "razin2020", "shin_yun2025", "kleinman2024", "arora2019"]   # the reproductions
 
 

@@ -230,6 +230,47 @@ def test_per_replica_and_shared_step_control_reach_the_same_states(make_cfg, opt
     assert own["gradient_evaluations"] < shared["gradient_evaluations"]
 
 
+@pytest.mark.parametrize("optim", ["flow", "downstairs"])
+def test_hold_converged_stops_each_replica_below_the_stop_energy(make_cfg, optim):
+    """optim.hold_converged: each replica is held at the first logged time where E < stop_energy;
+    the final states are then all below it, at the limits of the unheld flow to its tolerance
+    (E < 1e-10 puts W within √(2·1e-10) ≈ 1.4e-5 of its limit on the observed entries, and
+    the seed flow's unobserved ones move less than that after), for fewer evaluations."""
+    held = flow_run(make_cfg, f"optim={optim}", "optim.hold_converged=true", "run.stop_energy=1e-10",
+                    "run.time=200", out="held")
+    free = flow_run(make_cfg, f"optim={optim}", "run.stop_energy=1e-10", "run.time=200", out="free")
+    E = torch.tensor(held["final"]["energy"])
+    assert (E < 1e-10).all() and held["stopped_by"] == free["stopped_by"] == "stop_energy"
+    for key in ("w12", "w21"):
+        torch.testing.assert_close(torch.tensor(held["final"][key]), torch.tensor(free["final"][key]),
+                                   rtol=0, atol=1e-4)
+    assert held["gradient_evaluations"] < free["gradient_evaluations"]
+
+
+def test_the_planes_velocity_is_the_batched_one():
+    """The per-replica flow's replica-last chain rule (many replicas, small widths) against the
+    batched one, on rectangular widths with weight decay: the same sums in the same order up to
+    rounding, so 1e-13 of the O(1) entries (float64)."""
+    from dlntorch.dynamics.flows import upstairs_velocity, upstairs_velocity_planes
+    from dlntorch.tasks import Seed2x2
+    g = torch.Generator().manual_seed(0)
+    widths, B = [2, 3, 1, 4, 2], 600
+    factors = [torch.randn(B, widths[p + 1], widths[p], generator=g, dtype=torch.float64) for p in range(4)]
+    task = Seed2x2()
+    batched = upstairs_velocity(factors, task.gradient, 0.1)
+    planes = upstairs_velocity_planes(factors, task.gradient, 0.1)
+    for a, b in zip(planes, batched):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_hold_converged_needs_per_replica_control(make_cfg):
+    from dlntorch.errors import ConfigError
+    from dlntorch.train import run
+    with pytest.raises(ConfigError, match=r"^optim.hold_converged=True is not allowed: it needs per-replica"):
+        run(make_cfg("optim=flow", "optim.step_control=shared", "optim.hold_converged=true"))
+
+
 def test_per_replica_control_needs_the_adaptive_method(make_cfg):
     from dlntorch.errors import ConfigError
     from dlntorch.train import run

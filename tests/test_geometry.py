@@ -10,6 +10,7 @@ from dlntorch.geometry import (
     balanced_factors,
     conservation_law_count,
     entropy,
+    exp_pair,
     f_inf,
     f_N,
     fibre_move,
@@ -271,6 +272,27 @@ def random_factors(widths, batch=3, seed=0, scale=0.8):
 
 
 WIDTHS = [[3, 3, 3, 3], [3, 4, 2, 3], [4, 3, 3, 2], [2, 5, 4]]
+
+
+def test_the_closed_form_2x2_exponential_pair_is_the_matrix_exponential():
+    """exp_pair at d = 2 (cosh/sinh of √(−det Z), cos/sin where −det Z < 0) against
+    torch.linalg.matrix_exp (Padé) on both branches, on q = 0 (a nilpotent Z, a multiple of I) and
+    at sizes from 1e-8 to 5; and expm(A) expm(−A) = I. Tolerance 1e-13 relative to the largest
+    entry: Padé with scaling and squaring errs by ~eps·‖A‖ (‖A‖ up to ~15 here)."""
+    g = gen(21)
+    A = torch.cat([s * torch.randn(200, 2, 2, generator=g, dtype=DT) for s in (1e-8, 1e-3, 1.0, 5.0)])
+    special = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[2.0, 0.0], [0.0, 2.0]], [[1.0, 3.0], [-2.0, 1.0]],
+                            [[0.5, 1.0], [1.0, -0.5]], [[0.0, 0.0], [0.0, 0.0]]], dtype=DT)
+    A = torch.cat([A, special])
+    q = (0.5 * (A[:, 0, 0] - A[:, 1, 1])) ** 2 + A[:, 0, 1] * A[:, 1, 0]
+    assert bool((q > 0).any()) and bool((q < 0).any()) and bool((q == 0).any())   # every branch
+    ahead, behind = exp_pair(A)
+    for got, want in ((ahead, torch.linalg.matrix_exp(A)), (behind, torch.linalg.matrix_exp(-A))):
+        scale = want.abs().amax((-2, -1), keepdim=True)
+        assert ((got - want).abs() / scale).max() < 1e-13
+    eye = torch.eye(2, dtype=DT).expand_as(A)
+    scale = (ahead.abs().amax((-2, -1)) * behind.abs().amax((-2, -1)))[:, None, None]
+    assert ((ahead @ behind - eye).abs() / scale).max() < 1e-13
 
 
 @pytest.mark.parametrize("widths", WIDTHS)

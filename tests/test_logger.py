@@ -80,12 +80,13 @@ def test_summary_json_reads_back_as_the_indented_encoder_wrote_it(tmp_path):
 
     import torch
 
-    from dlntorch.logger import _jsonable, json_text
+    from dlntorch.logger import _jsonable, write_json
     data = {"final": {"energy": np.array([1.0, np.nan, np.inf]), "diverged": [False, True, False],
                       "rank_jumps": [[[0.1, 2.0, 2, 1]], [], [[1.0, 3.0, 1, 2], [3.0, 9.0, 2, 1]]]},
             "widths": (2, 2, 2), "t": torch.tensor([0.5, 1.5]), "names": ["a", "b"], "empty": [],
             "none": None, "nested": [{"a": np.float64(1.5)}], "path": tmp_path}
-    text = json_text(data)
+    write_json(tmp_path / "s.json", data)
+    text = (tmp_path / "s.json").read_text()
     keep = {"parse_constant": str}       # NaN and Infinity compared as their spellings
     assert json.loads(text, **keep) == json.loads(json.dumps(data, default=_jsonable), **keep)
     assert '"energy": [1.0, NaN, Infinity]' in text and '"nested": [\n' in text

@@ -84,7 +84,8 @@ def test_tangential_with_kappa_one_is_the_isotropic_model():
     (["optim.noise=tangential", "optim.kappa=1.5"],
      r"^optim.kappa=1.5 is not allowed: it must be a number in \[0, 1\]"),
     (["optim.noise=isotropic", "optim.kappa=0.5"], r"^optim.kappa=0.5 is not allowed: it mixes normal noise"),
-    (["optim.noise=balanced"], r"^optim.noise='balanced' is not allowed: it is implemented for 1x1 factors"),
+    # balanced now runs on d×d factors (tests/test_rle.py); from the default (unbalanced) start it is refused
+    (["optim.noise=balanced"], r"^optim.noise=balanced is not allowed from an unbalanced start"),
     (["optim.noise=tangential", "model.depth=1"], r"^optim.noise='tangential' is not allowed: depth 1 has no fibre"),
     (["optim.noise=fibre_brownian", "init.scale=1e-300"],
      r"^optim.noise=fibre_brownian is not allowed from this start"),
@@ -147,3 +148,78 @@ def test_balanced_noise_has_the_exact_stationary_law_of_the_scalar_rle():
         per_replica = (w ** k).mean(0)
         mean, se = float(per_replica.mean()), float(per_replica.std()) / math.sqrt(B)
         assert abs(mean - target) <= 4 * se, (k, mean, target, se)
+
+
+# -- what a stochastic run logs -----------------------------------------------------------------
+
+STOCHASTIC_RUN = ["optim=langevin", "optim.beta=100", "optim.lr=0.01", "model.depth=3", "replicas=16",
+                  "run.steps=200", "run.log_points=12", "run.stop_energy=0"]
+
+
+@pytest.mark.parametrize("noise, moves", [("isotropic", True), ("gl_walk", False), ("fibre_brownian", False)])
+def test_the_products_drift_is_zero_under_fibre_noise_and_positive_under_isotropic(make_cfg, tmp_path, noise, moves):
+    """From W = I (a zero of the seed task: no gradient), ‖W(t) − W(0)‖ is the noise's own
+    displacement of the product: exact group moves keep it to rounding (200 steps of ~1e-16 each on
+    O(1) factors: 1e-12), isotropic noise moves it by ~σ√steps ≈ 0.3."""
+    from dlntorch.analysis import load_run
+    run(make_cfg(*STOCHASTIC_RUN, f"optim.noise={noise}", "init=identity", "init.scale=1"))
+    drift = load_run(tmp_path / "run").trajectory["product_drift"]          # (T, B)
+    assert drift.shape[1] == 16 and drift.shape[0] > 5 and np.all(drift[0] == 0)
+    if moves:
+        assert np.all(drift[1:] > 1e-3)
+    else:
+        assert np.all(drift <= 1e-12)
+
+
+def test_tensorboard_and_the_summary_carry_95_percent_bands_of_the_logged_means(make_cfg, tmp_path):
+    """Every observable TensorBoard shows with its mean gets name/ci95_low and name/ci95_high, the
+    mean ± 1.96 s/√B over live replicas (s with ddof 1): against numpy on trajectory.npz's rows
+    (TensorBoard stores float32: relative 1e-6). The layout groups them as margin charts; the
+    summary's aggregates carry the band of the final row; S_N, F_β, δ and the drift are shown."""
+    from dlntorch.analysis import load_run
+    from tests.test_tensorboard import events, layout_of
+    summary = run(make_cfg(*STOCHASTIC_RUN, "optim.noise=tangential", "optim.kappa=0.5", "init.scale=1"))
+    out = tmp_path / "run"
+    traj, reader = load_run(out).trajectory, events(out)
+    tags = set(reader.Tags()["scalars"])
+    for name in ("energy", "balancedness", "balancedness_1", "balancedness_2", "balance_gap", "product_drift",
+                 "entropy", "free_energy", "sigma_1"):
+        values = traj[name]                                                  # (T, B), no replica diverged
+        mean = values.mean(1)
+        half = 1.959963984540054 * values.std(1, ddof=1) / math.sqrt(values.shape[1])
+        expected = {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half}
+        for tag, want in ((f"{name}/{agg}", value) for agg, value in expected.items()):
+            assert tag in tags, tag
+            got = np.array([e.value for e in reader.Scalars(tag)])
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
+        final = summary["aggregates"][name]
+        assert final["ci95_low"] == pytest.approx(mean[-1] - half[-1], rel=1e-12, abs=1e-15)
+        assert final["ci95_high"] == pytest.approx(mean[-1] + half[-1], rel=1e-12, abs=1e-15)
+    bands = next(c for c in layout_of(reader).category if c.title == "95 % bands of the mean over replicas")
+    charts = {chart.title: [(s.value, s.lower, s.upper) for s in chart.margin.series] for chart in bands.chart}
+    assert charts["product_drift (mean, 95 % band)"] == [("product_drift/mean", "product_drift/ci95_low",
+                                                          "product_drift/ci95_high")]
+
+
+def test_a_deterministic_run_has_no_bands_and_no_drift(make_cfg, tmp_path):
+    from dlntorch.analysis import load_run
+    from tests.test_tensorboard import events
+    summary = run(make_cfg("model.depth=3", "replicas=4", "run.steps=50", "run.log_points=5"))
+    assert "product_drift" not in load_run(tmp_path / "run").trajectory
+    assert not any("ci95" in tag for tag in events(tmp_path / "run").Tags()["scalars"])
+    assert "ci95_low" not in summary["aggregates"]["energy"]
+    assert summary["converged_level"] == summary["config"]["run"]["converged_energy"]
+
+
+def test_a_langevin_run_counts_as_converged_at_its_thermal_level(make_cfg):
+    """At β = 1e4 the final E fluctuates at ~(observed entries)/(2β) ≈ 1e-4, never below
+    run.converged_energy = 1e-6: the level is temperature-aware (+ m·n/β), so a run that reached
+    equilibrium near the zero set counts as converged and prints no warning."""
+    from dlntorch.report import not_converged_advice
+    summary = run(make_cfg("optim=langevin", "optim.beta=1e4", "optim.lr=0.01", "model.depth=2", "replicas=32",
+                           "run.steps=2000", "init.scale=1", "run.log_points=5"))
+    assert summary["converged_level"] == pytest.approx(1e-6 + 4 / 1e4, rel=1e-12)
+    energies = np.asarray(summary["final"]["energy"])
+    assert np.all(energies > 1e-6)                      # the plain rule would call none converged
+    assert summary["converged"] == int((energies < summary["converged_level"]).sum()) >= 24
+    assert not_converged_advice(summary) is None

@@ -147,6 +147,35 @@ def test_resume_with_the_last_step_continues_the_flow(seed_solutions):
     assert int(second.rejected.sum()) <= int(batch.rejected.sum()) + factors[0].shape[0]
 
 
+def test_done_replicas_stop_at_their_first_output_time_and_cost_nothing_after():
+    """dy/dt = −λ y with done = |y| < 1e-3: replica b is done first at the output time t_k with
+    e^{−λ_b t_k} < 1e-3 (closed form; the thresholds sit far from every output time, so the
+    solver's 1e-10 errors cannot move the index), keeps its state there, and the undone replica
+    follows the same trajectory as in a run without `done`."""
+    lam = torch.tensor([[20.0], [2.0], [0.5], [0.01]], dtype=DT)     # done at t = 0.5, 5, 20, never
+    y0 = torch.ones(4, 1, dtype=DT)
+    times = torch.tensor([0.0, 0.1, 0.5, 1.0, 5.0, 10.0, 20.0, 400.0], dtype=DT)
+    below = lambda state: state[0].abs().flatten(1).amax(1) < 1e-3                 # noqa: E731
+    sol = dopri5(decay, (y0, lam), times, done=below)
+    alone = dopri5(decay, (y0, lam), times)
+    crossing = torch.log(torch.tensor(1e3, dtype=DT)) / lam.flatten()           # e^{−λt} = 1e-3
+    expected = [int((times > c).nonzero()[0]) if bool((times > c).any()) else -1 for c in crossing]
+    assert sol.stopped_at.tolist() == expected == [2, 4, 6, -1]
+    for b, k in enumerate(expected):
+        if k >= 0:
+            # up to its stop: the same steps as without `done`; after it: its stopped state exactly
+            assert ((sol.states[0][:k + 1, b] - alone.states[0][:k + 1, b]).abs() <= 1e-12).all()
+            assert torch.equal(sol.states[0][k:, b], sol.states[0][k, b].expand(len(times) - k, 1))
+    assert ((sol.states[0][:, 3] - alone.states[0][:, 3]).abs() <= 1e-12).all()
+    # the stiffest replica stopped at t = 0.5 instead of stepping on, at h ≲ 3.3/λ (dopri5's
+    # stability limit), for over 2000 more steps to t = 400
+    assert int(sol.accepted[0]) + 2000 < int(alone.accepted[0])
+    # a replica done at the start never moves
+    start = dopri5(decay, (y0 * 1e-4, lam), times, done=below)
+    assert start.stopped_at.tolist() == [0] * 4 and start.evaluations == 0
+    assert torch.equal(start.states[0], (y0 * 1e-4).expand(len(times), 4, 1))
+
+
 def overflowing_growth(state):
     """dy/dt = c y², y = y0/(1 − c y0 t), whose velocity turns NaN past y = 10 — as a replica's
     gradient does once it diverges."""

@@ -16,6 +16,7 @@ from .common import Notebook, run_instrument
 
 INSTRUMENTS = ("p1_low_rank", "p2_full_rank", "p3_free_energy", "p4_infinite_depth", "p5_low_rank_noise",
                "p6_singular_varieties", "p7_balance", "p8_conservation", "p9_rank_jumps",
+               "practical_vs_flow", "edge_of_stability",   # flow versus practice
                "saxe2014", "razin2020", "shin_yun2025", "kleinman2024", "arora2019")   # reproductions
 
 

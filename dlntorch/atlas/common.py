@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from ..logger import Z95
+
 # --------------------------------------------------------------------------- statistics
 
-Z95 = 1.959963984540054          # the standard normal's 97.5 % quantile
+# Z95, the standard normal's 97.5 % quantile, is dlntorch.logger's (the runs' 95 % bands use it too)
 # Student's t 97.5 % quantiles for 1..30 degrees of freedom (a 95 % two-sided interval); beyond
 # 30 the normal quantile is within 4 % of them.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,

@@ -3,12 +3,15 @@ full-rank minimiser? Phase portraits over 2-D slices of initial products (init=g
 replica per grid point, each product factored on its balanced fibre; one run a portrait), exact
 flow (optim=flow), coloured by the limit's det W (= 1 − W12·W21 there).
 
-A grid point counts as converged once E < 1e-10 (the run stops when all are, or at t = 1000) and
-as full rank when then σ2/σ1 ≥ 1e-2 (p1's threshold, the other side). The area fraction of full-
-rank limits carries the binomial standard error √(p(1 − p)/n) over the grid's n points and a
-Wilson 95 % interval. Invariant sets drawn: in the diagonal plane diag(a, b) (tilted by ε = 1e-3
-off it) the conformal line a = b (W = aI); in the symmetric plane [[a, b], [b, a]] the diagonal
-line b = 0 (W = aI) and the lines a = ±b (rank one, on E's level sets through 0).
+A grid point counts as converged once E < 1e-10 (each is held at the first logged time below it,
+optim.hold_converged; the time cap is t = 1000, and a point still above it there is counted as
+unconverged, grey in the portraits, never as full rank or rank one) and as full rank when then
+σ2/σ1 ≥ 1e-2 (p1's threshold, the other side). The area fraction of full-rank limits is over
+the converged points, with the binomial standard error √(p(1 − p)/n) and a Wilson 95 % interval,
+and the unconverged count beside it. Invariant sets drawn: in the diagonal plane diag(a, b)
+(tilted by ε = 1e-3 off it) the conformal line a = b (W = aI); in the symmetric plane
+[[a, b], [b, a]] the diagonal line b = 0 (W = aI) and the lines a = ±b (rank one, on E's level
+sets through 0).
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ THRESHOLD, CONVERGED = 1e-2, 1e-10
 # the diagonal plane is an invariant set of the flow: a small generic tilt ε·R lets the portrait
 # show where nearby starts go; the symmetric and random planes are drawn as they are
 TILT = {"diagonal": 1e-3, "symmetric": 0.0, "random": 0.0}
-# Per-replica steps (optim.step_control=per_replica) make a run cost about the sum of its grid
-# points' own steps: the 18 runs (3 planes × 2 extents × 3 depths) took 247 s at 32 × 32 (4–25 s a
-# run, 2-core CPU shared with other jobs); 64 × 64 would take about a quarter of an hour, and the
-# issue's 256 × 256 (64 times 32 × 32) about four and a half hours, which does not fit.
-FULL_POINTS = 32
+# Cost: per-replica steps with every point held once E < 1e-10 (without holding, converged
+# points stepped on to t = 1000 at their stability limit: 36 s against 6 s for one 32 × 32 run),
+# and the chain rule on replica-last planes for many replicas (dynamics.flows), make a 256 × 256
+# run 12–126 s here (2-core CPU shared with other jobs): the 18 runs took 16 min 43 s. Looser
+# tolerances would halve that, but at rtol 1e-8 2–3 % of the symmetric plane's points at
+# N = 2 change class (64 × 64 grids), so the flow's default rtol 1e-10 / atol 1e-12 is kept.
+FULL_POINTS = 256
 
 
 def measure(book: Notebook) -> None:
@@ -45,9 +50,11 @@ def measure(book: Notebook) -> None:
                     "b_range": [-extent, extent], "epsilon": TILT[name], "seed": 0}
             a, b = (x.numpy() for x in grid_axes(points, grid["a_range"], grid["b_range"]))
             for depth in depths:
+                # no TensorBoard histograms or saved products: points.csv below has every limit
                 summary = book.train({"task": {"name": "seed2x2"}, "model": {"depth": depth}, "init": grid,
-                                      "optim": {"name": "flow", "lr": 0.05},
-                                      "run": {"steps": 20000, "stop_energy": CONVERGED, "log_points": 20},
+                                      "optim": {"name": "flow", "lr": 0.05, "hold_converged": True},
+                                      "run": {"steps": 20000, "stop_energy": CONVERGED, "log_points": 20,
+                                              "histogram_points": 0, "save_product": False},
                                       "replicas": points * points, "seed": 0})
                 final = summary["final"]
                 energy, ratio = np.asarray(final["energy"], float), np.asarray(final["sigma_ratio"], float)
@@ -58,7 +65,7 @@ def measure(book: Notebook) -> None:
                 p = k / n if n else math.nan
                 low, high = wilson_interval(k, n)
                 rows.append({"slice": name, "depth": depth, "extent": extent, "points": points * points,
-                             "converged": n, "full_rank": k, "fraction": p,
+                             "converged": n, "unconverged": points * points - n, "full_rank": k, "fraction": p,
                              "se": math.sqrt(p * (1 - p) / n) if n else math.nan,
                              "wilson_low": low, "wilson_high": high,
                              "wall_seconds": round(summary["wall_time"], 2)})
@@ -66,13 +73,14 @@ def measure(book: Notebook) -> None:
                 grid_rows += [{"slice": name, "extent": extent, "depth": depth, "a": x, "b": y, "converged": bool(c),
                                "full_rank": bool(f), "det": d, "sigma_ratio": q}
                               for x, y, c, f, d, q in zip(a, b, converged, full, det, ratio)]
-                print(f"{name} extent {extent:g} N={depth}: full rank {k}/{n} "
+                print(f"{name} extent {extent:g} N={depth}: full rank {k}/{n}, {points * points - n} unconverged "
                       f"({summary['wall_time']:.1f} s)", flush=True)
     book.table(rows)
     book.table(grid_rows, "points.csv")        # every grid point's limit, for other plots
-    book.say("Area fraction of the grid flowing to a full-rank minimiser (σ2/σ1 ≥ 1e-2 once E < 1e-10; ± se): "
+    book.say(f"Area fraction of the {points} × {points} grid flowing to a full-rank minimiser (σ2/σ1 ≥ 1e-2 once "
+             "E < 1e-10, over the converged points; ± se; unconverged by t = 1000 in brackets): "
              + "; ".join(f"{r['slice']} extent {r['extent']:g} N={r['depth']}: {r['fraction']:.3f} ± {r['se']:.3f}"
-                         for r in rows) + ".")
+                         + (f" [{r['unconverged']}]" if r["unconverged"] else "") for r in rows) + ".")
     plot(book, rows, portraits, depths, extents, points)
 
 

@@ -13,6 +13,12 @@ is at τ = T/2 and τ = T. (b) `optim.noise=balanced` (1x1 factors, N = 3, E = �
 stationarity: the histogram of w over replicas at the last time against the density the entropy
 formula predicts, p(w) ∝ e^{−βE(w) + S_N} dvol_{g^N} ∝ e^{−βE(w)} |w|^{1/N − 1} (S_N is constant for
 d = 1, and g^N = dw²/(N |w|^{2−2/N})), with Pearson's χ² over bins of expected count ≥ 5.
+(b′) the same for 2x2 products: optim=rle (the Riemannian Langevin equation of F_β on the
+product) and optim.noise=balanced on 2x2 factors (Brownian motion on M_0), both at N = 2, β = 2 on
+the spectral task E = ½‖W − Y‖², from det > 0 starts: the histograms of σ_k = s_k^{1/N} against
+the marginals of the predicted density p(σ) ∝ e^{−βE} |σ_1² − σ_2²| f_N(s_1, s_2)^{1/2}, with E
+integrated over the singular vectors in the det > 0 component
+(∝ e^{−β(s_1² + s_2²)/2} I0(β(s_1 + s_2)(y_1 + y_2)/2) I0(β(s_1 − s_2)(y_1 − y_2)/2)).
 """
 from __future__ import annotations
 
@@ -25,16 +31,20 @@ from .common import Notebook, slide_axes
 
 TARGET = (2.0, 0.5)          # the spectral energy's singular values t
 SCALAR = dict(beta=4.0, depth=3, target=1.0)
+MATRIX = dict(beta=2.0, depth=2)          # (b′): rle and balanced on 2x2, E = ½‖W − diag(TARGET)‖²
 
 
 def plan(quick: bool) -> dict:
     if quick:
         return dict(depths=[2, 3], seed_depths=[2], inverse_betas=[0.5], replicas=4, horizon=20.0,
-                    seed_horizon=5.0, scalar=dict(replicas=256, lr=0.01, steps=100))
+                    seed_horizon=5.0, scalar=dict(replicas=256, lr=0.01, steps=100),
+                    matrix=dict(replicas=256, lr=0.01, steps=100))
     # the seed task's flow runs off to infinity, where it grows stiff (‖W‖ ~ (τ/β)^{N/2}, its
     # linearisation ~ ‖W‖^{2−2/N}): a shorter horizon, and N ≤ 4
     return dict(depths=[1, 2, 3, 4, 8, "inf"], seed_depths=[1, 2, 3, 4], inverse_betas=[0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
-                replicas=8, horizon=40.0, seed_horizon=10.0, scalar=dict(replicas=8192, lr=0.002, steps=10000))
+                replicas=8, horizon=40.0, seed_horizon=10.0, scalar=dict(replicas=8192, lr=0.002, steps=10000),
+                # t = 6: the slowest mode (σ_2 near 0) was measured to need t ≈ 4 in tests/test_rle.py
+                matrix=dict(replicas=8192, lr=0.01, steps=600))
 
 
 def flow_config(task: dict, init: dict, N, beta: float, replicas: int, horizon: float, lr: float = 0.5) -> dict:
@@ -78,17 +88,22 @@ def spectral_files(book: Notebook, replicas: int) -> tuple[dict, dict]:
     """The spectral task (every entry of Y = diag(t) observed) and its starts: products I + 0.3 Z
     (Z Gaussian, seed 0) with det > 0, in Y's component of the full-rank matrices (the flow does
     not cross det = 0, and the other component's infimum sits on its boundary s₂ = 0)."""
-    task_file, init_file = book.out / "spectral_task.npz", book.out / "spectral_starts.npz"
+    task_file = book.out / "spectral_task.npz"
     np.savez(task_file, mask=np.ones((2, 2)), values=np.diag(TARGET), truth=np.diag(TARGET))
+    return ({"name": "completion", "file": str(task_file), "shape": [2, 2]},
+            positive_starts(book, replicas, "spectral_starts.npz"))
+
+
+def positive_starts(book: Notebook, replicas: int, name: str) -> dict:
+    """An init=file of products I + 0.3 Z (Z Gaussian, seed 0) with det > 0."""
     rng = np.random.default_rng(0)
     starts = []
     while len(starts) < replicas:
         W = np.eye(2) + 0.3 * rng.standard_normal((2, 2))
         if np.linalg.det(W) > 0:
             starts.append(W)
-    np.savez(init_file, product=np.array(starts))
-    return ({"name": "completion", "file": str(task_file), "shape": [2, 2]},
-            {"name": "file", "file": str(init_file)})
+    np.savez(book.out / name, product=np.array(starts))
+    return {"name": "file", "file": str(book.out / name)}
 
 
 def minimisers(book: Notebook, grid: dict) -> list[dict]:
@@ -137,16 +152,47 @@ def scalar_probabilities(edges: np.ndarray, beta: float, N: int, y: float, nodes
     return np.diff(mass) / cumulative[-1]
 
 
-def chi2_test(samples: np.ndarray, beta: float, N: int, y: float, bins: int = 40) -> dict:
-    """Pearson's χ² of the samples against p(w): `bins` equal-width bins over the central range,
-    outer ones open, merged until every expected count is ≥ 5; p-value Q(k/2, χ²/2) by
-    torch.special.gammaincc with k = bins − 1 degrees of freedom (no parameter is fitted)."""
+def pair_sum(a: np.ndarray, b: np.ndarray, N: int) -> np.ndarray:
+    """f_N(a^N, b^N) = Σ_{k<N} a^{2k} b^{2(N−1−k)} (the sum form: no 0/0 at a = b)."""
+    return sum(a ** (2 * k) * b ** (2 * (N - 1 - k)) for k in range(N))
+
+
+def matrix_marginals(beta: float, N: int, nodes: int = 1201) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The marginal densities of σ_1 ≥ σ_2 (σ = s^{1/N}) under the RLE's stationary law for
+    E = ½‖W − Y‖², Y = diag(TARGET), in the det > 0 component, on a grid x (trapezoid rule)."""
+    y1, y2 = TARGET
+    x = np.linspace(0, (abs(y1) + 3 / math.sqrt(beta)) ** (1 / N) * 1.3, nodes)
+    A, B = np.meshgrid(x, x, indexing="ij")
+    S1, S2 = A ** N, B ** N
+    log_weight = -beta * (S1 ** 2 + S2 ** 2) / 2 + np.log(np.i0(beta * (S1 + S2) * (y1 + y2) / 2)) \
+        + np.log(np.i0(beta * (S1 - S2) * (y1 - y2) / 2))
+    p = np.abs(A ** 2 - B ** 2) * np.sqrt(pair_sum(A, B, N)) * np.exp(log_weight - log_weight.max())
+    p[A < B] = 0
+    w = np.full(nodes, x[1] - x[0])
+    w[[0, -1]] /= 2
+    p = p * w[:, None] * w[None, :]
+    p /= p.sum()
+    return x, [p.sum(axis=1) / w, p.sum(axis=0) / w]
+
+
+def grid_probabilities(edges: np.ndarray, x: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """P(bin) of a density tabulated on x, by its trapezoid CDF (edges beyond x are clipped)."""
+    cumulative = np.concatenate([[0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(x))])
+    mass = np.interp(np.clip(edges, x[0], x[-1]), x, cumulative)
+    return np.diff(mass) / cumulative[-1]
+
+
+def chi2_test(samples: np.ndarray, probabilities, bins: int = 40) -> dict:
+    """Pearson's χ² of the samples against a law given by `probabilities(edges)` (bin masses):
+    `bins` equal-width bins over the central range, outer ones open, merged until every expected
+    count is ≥ 5; p-value Q(k/2, χ²/2) by torch.special.gammaincc with k = bins − 1 degrees of
+    freedom (no parameter is fitted)."""
     import torch
     low, high = np.quantile(samples, [0.002, 0.998])
     edges = np.concatenate([[-np.inf], np.linspace(low, high, bins + 1)[1:-1], [np.inf]])
     n = samples.size
     while True:
-        expected = n * scalar_probabilities(edges, beta, N, y)
+        expected = n * probabilities(edges)
         small = np.flatnonzero(expected < 5)
         if small.size == 0 or edges.size <= 3:
             break
@@ -175,7 +221,29 @@ def stationary(book: Notebook, grid: dict) -> dict:
     summary = book.train(cfg)
     w = np.asarray(summary["final"]["singular_values"], dtype=float)[:, 0] * \
         np.sign(np.asarray(summary["final"]["det"], dtype=float))
-    return {"samples": w, "time": run["lr"] * run["steps"], **chi2_test(w, beta, N, y)}
+    return {"samples": w, "time": run["lr"] * run["steps"],
+            **chi2_test(w, lambda edges: scalar_probabilities(edges, beta, N, y))}
+
+
+def matrix_laws(book: Notebook, grid: dict) -> dict[str, dict]:
+    """(b′): optim=rle and noise=balanced (2x2 factors) on the spectral task from det > 0 starts;
+    σ_k = s_k^{1/N} of the product at the last time (one sample per replica) against p(σ)."""
+    beta, N, run = MATRIX["beta"], MATRIX["depth"], grid["matrix"]
+    task, _ = spectral_files(book, 1)
+    init = positive_starts(book, run["replicas"], "matrix_starts.npz")
+    x, marginals = matrix_marginals(beta, N)
+    laws = {}
+    for model, optim in (("rle", {"name": "rle", "beta": beta, "lr": run["lr"], "depth": str(N)}),
+                         ("balanced", {"name": "langevin", "noise": "balanced", "beta": beta, "lr": run["lr"]})):
+        summary = book.train({"task": task, "model": {"depth": N}, "init": init, "optim": optim,
+                              "run": {"steps": run["steps"], "stop_energy": 0.0, "log_points": 10},
+                              "replicas": run["replicas"], "seed": 0})
+        sigma = np.asarray(summary["final"]["singular_values"], dtype=float) ** (1 / N)
+        tests = [chi2_test(sigma[:, k], lambda edges, k=k: grid_probabilities(edges, x, marginals[k]))
+                 for k in range(2)]
+        laws[model] = {"sigma": sigma, "tests": tests, "x": x, "marginals": marginals,
+                       "hits": int(np.sum(summary["final"]["singular_hits"])), "time": run["lr"] * run["steps"]}
+    return laws
 
 
 def measure(book: Notebook) -> None:
@@ -184,6 +252,7 @@ def measure(book: Notebook) -> None:
               argmin="the lowest F_β among the replicas' end points of the free-energy flow (τ = N t)")
     rows = minimisers(book, grid)
     law = stationary(book, grid)
+    laws = matrix_laws(book, grid)
     book.table(rows)
     book.table([{"w_low": lo, "w_high": hi, "observed": o, "expected": e}
                 for lo, hi, o, e in zip(law["edges"][:-1], law["edges"][1:], law["observed"], law["expected"])],
@@ -208,11 +277,20 @@ def measure(book: Notebook) -> None:
              "degrees of "
              f"freedom against p(w) ∝ e^{{−βE}} |w|^{{1/N − 1}}, p-value {law['p_value']:.3g}.",
              chi2=law["chi2"], chi2_dof=law["dof"], chi2_p=law["p_value"])
-    figure(book, rows, law, grid)
+    for model, result in laws.items():
+        (one, two) = result["tests"]
+        name = "optim=rle" if model == "rle" else "noise=balanced (2x2 factors)"
+        book.say(f"{name}, N = {MATRIX['depth']}, β = {MATRIX['beta']:g}, E = ½‖W − Y‖², "
+                 f"{result['sigma'].shape[0]} replicas at t = {result['time']:g}: σ_1: χ² = {one['chi2']:.1f} on "
+                 f"{one['dof']} (p {one['p_value']:.3g}), σ_2: χ² = {two['chi2']:.1f} on {two['dof']} "
+                 f"(p {two['p_value']:.3g}) against the RLE's predicted law; {result['hits']} singular hits.",
+                 **{f"{model}_chi2_sigma1": one["chi2"], f"{model}_chi2_sigma2": two["chi2"],
+                    f"{model}_p_sigma1": one["p_value"], f"{model}_p_sigma2": two["p_value"]})
+    figure(book, rows, law, laws, grid)
 
 
-def figure(book: Notebook, rows, law, grid) -> None:
-    fig, axes = slide_axes(1, 4, width=4.6, height=4.2)
+def figure(book: Notebook, rows, law, laws, grid) -> None:
+    fig, axes = slide_axes(2, 3, width=4.6, height=4.2)
     for k, N in enumerate(grid["depths"]):
         mine = [r for r in rows if r["task"] == "spectral" and r["N"] == N]
         x = [r["inverse_beta"] for r in mine]
@@ -233,7 +311,7 @@ def figure(book: Notebook, rows, law, grid) -> None:
                    title="(a) seed task: no minimiser, the flow at τ = T")
     axes[0, 0].legend(fontsize=9)
     axes[0, 2].legend(fontsize=9)
-    ax = axes[0, 3]
+    ax = axes[1, 0]
     edges = law["edges"]
     finite = np.clip(edges, law["samples"].min(), law["samples"].max())
     widths = np.diff(finite)
@@ -248,7 +326,15 @@ def figure(book: Notebook, rows, law, grid) -> None:
     ax.plot(w, np.exp(-beta * (w - y) ** 2 / 2) * np.abs(w) ** (1 / N - 1) / norm, "k", lw=1.5,
             label="e^{−βE}|w|^{1/N−1}/Z")
     ax.set(xlabel="product w", ylabel="density", ylim=(0, 2.5),
-           title=f"(b) balanced, N={N}, β={beta:g}: χ²={law['chi2']:.0f}/{law['dof']}, p={law['p_value']:.2g}")
+           title=f"(b) balanced 1x1, N={N}, β={beta:g}: χ²={law['chi2']:.0f}/{law['dof']}")
     ax.legend(fontsize=9)
+    for ax, (model, result) in zip(axes[1, 1:], laws.items()):
+        for k, color in ((0, "C0"), (1, "C1")):
+            ax.hist(result["sigma"][:, k], bins=60, density=True, alpha=0.45, color=color,
+                    label=f"σ_{k + 1} (χ²={result['tests'][k]['chi2']:.0f}/{result['tests'][k]['dof']})")
+            ax.plot(result["x"], result["marginals"][k], color=color, lw=1.5)
+        ax.set(xlabel="σ_k = s_k^{1/N} of the product", ylabel="density",
+               title=f"(b′) {model}, 2x2, N={MATRIX['depth']}, β={MATRIX['beta']:g}: hist. vs law (lines)")
+        ax.legend(fontsize=9)
     fig.tight_layout()
     book.figure(fig)

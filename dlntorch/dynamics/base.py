@@ -39,6 +39,13 @@ class Dynamics:
         None for deterministic ones: the free energy F_β = E − S_N/β is observed where it is set."""
         return None
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether the dynamics is stochastic (its runs log the product's drift and 95 % bands
+        over replicas, dlntorch.metrics.stochastic_observables); a deterministic flow may still
+        have a β (the free-energy flow)."""
+        return False
+
     def energy(self) -> Tensor:
         raise NotImplementedError
 

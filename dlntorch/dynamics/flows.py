@@ -26,6 +26,7 @@ from ..network import DeepLinearNetwork, chain, factor_gradients
 from ..optim import OPTIMISERS
 from ..tasks import Task
 from .base import Dynamics
+from .layouts import planes_mm, planes_pay, planes_T
 
 GradFn = Callable[[Tensor], Tensor]
 
@@ -41,6 +42,17 @@ def upstairs_velocity(factors: Sequence[Tensor], grad_fn: GradFn, weight_decay: 
     if not weight_decay:
         return [-g for g in gradients]
     return [-g - weight_decay * W for g, W in zip(gradients, factors)]
+
+
+def upstairs_velocity_planes(factors: Sequence[Tensor], grad_fn: GradFn, weight_decay: float = 0.0) -> list[Tensor]:
+    """upstairs_velocity with the chain rule run on replica-last planes (d_p, d_{p−1}, B),
+    elementwise over the replicas — faster than B tiny batched matmuls for small widths and many
+    replicas (layouts.planes_pay) — taking and returning replica-first factors as it does."""
+    planes = [f.permute(1, 2, 0).contiguous() for f in factors]
+    gradients = factor_gradients(planes, lambda W: grad_fn(W.permute(2, 0, 1)).permute(1, 2, 0),
+                                 mm=planes_mm, T=planes_T)
+    velocity = [-g if not weight_decay else -g - weight_decay * W for g, W in zip(gradients, planes)]
+    return [v.permute(2, 0, 1) for v in velocity]
 
 
 def downstairs_velocity(W: Tensor, grad_fn: GradFn, N: Depth) -> Tensor:
@@ -195,7 +207,13 @@ class _FlowDynamics(Dynamics):
     last step) at every logged time; it also starts each call with the step size(s) it last used. Frozen
     (diverged) replicas get zero velocity and a zero state, so they cannot spoil the solver's
     error norm; they report NaN. A resumed flow continues from its checkpointed state with fresh
-    windows: the same trajectory to the solver's tolerance, not bit for bit."""
+    windows: the same trajectory to the solver's tolerance, not bit for bit.
+
+    optim.hold_converged (per-replica control only): each replica stops at the first pause where
+    its E < run.stop_energy and is held there, instead of stepping on — at the step size its
+    stability allows near the minimiser, often thousands of steps — until every replica is below
+    it. Its reported state is then the one at that pause (E below the run's stop test already),
+    not the one at the run's end; the others are untouched."""
 
     step_based = False
     PER_REPLICA_BYTES = 1 << 28     # states kept ahead by one per-replica call (T · B · D · 8 bytes)
@@ -207,6 +225,7 @@ class _FlowDynamics(Dynamics):
                            step_size=cfg.optim.lr if cfg.optim.method in FIXED_STEP else None)
         self.adaptive = cfg.optim.method in ADAPTIVE
         self.per_replica = step_control(cfg.optim) == "per_replica"
+        self.hold_below = cfg.run.stop_energy if holds_converged(cfg.optim) else None
         self.first_step: float | Tensor | None = None    # a (B,) tensor under per-replica control
         self.dead = torch.zeros(net.replicas, dtype=torch.bool, device=net.factors[0].device)
         self.pauses: list[int] = []
@@ -221,12 +240,21 @@ class _FlowDynamics(Dynamics):
         """d(state)/dt for any subset of the replicas' rows (per-replica step control)."""
         raise NotImplementedError
 
+    def product_of(self, state: tuple[Tensor, ...]) -> Tensor:
+        """The end-to-end matrix W of any subset of the replicas' rows."""
+        raise NotImplementedError
+
+    def converged(self, state: tuple[Tensor, ...]) -> Tensor:
+        """optim.hold_converged's test, row by row: E(W) < run.stop_energy."""
+        return self.task.energy(self.product_of(state)) < self.hold_below
+
     def integrate_per_replica(self, state: tuple[Tensor, ...], times: list[float]) -> list[tuple[Tensor, ...]]:
         """Each replica with its own t, step and error control (dlntorch.solvers.dopri5); frozen
         replicas cost nothing, and one whose step collapses is handed to the loop as diverged."""
         from ..solvers import dopri5
         solution = dopri5(self.velocity, state, times, rtol=self.solver["rtol"], atol=self.solver["atol"],
-                          first_step=self.first_step, frozen=self.dead)
+                          first_step=self.first_step, frozen=self.dead,
+                          done=None if self.hold_below is None else self.converged)
         self.gradient_evaluations += solution.evaluations
         self.first_step = solution.step
         failed = solution.failed.view(1, -1, *[1] * (state[0].ndim - 1))
@@ -315,6 +343,8 @@ class UpstairsFlow(_FlowDynamics):
         self.net, self.compare, self.N = net, compare, len(factors)
         self.weight_decay = cfg.optim.weight_decay
         self.downstairs_evaluations = 0
+        # per-replica steps evaluate the velocity on the moving rows only, one batched call each
+        self.rows_velocity = upstairs_velocity_planes if planes_pay(net.widths, net.replicas) else upstairs_velocity
 
     def integrate(self, state, times, options):
         factors = state[:self.N]
@@ -327,8 +357,11 @@ class UpstairsFlow(_FlowDynamics):
             columns.append(down)
         return [tuple(x[k] for x in columns) for k in range(1, len(times))]
 
+    def product_of(self, state):
+        return chain(state[:self.N])
+
     def velocity(self, state):
-        v = upstairs_velocity(list(state[:self.N]), self.task.gradient, self.weight_decay)
+        v = self.rows_velocity(list(state[:self.N]), self.task.gradient, self.weight_decay)
         if self.compare:      # one step sequence per replica for both flows
             self.downstairs_evaluations += 1
             v.append(downstairs_velocity(state[self.N], self.task.gradient, self.N))
@@ -375,6 +408,9 @@ class DownstairsFlow(_FlowDynamics):
     def depth(self) -> Depth:
         return self.N
 
+    def product_of(self, state):
+        return state[0]
+
     def velocity(self, state):
         return [clock_scale(self.N, self.time_scale) * downstairs_velocity(state[0], self.task.gradient, self.N)]
 
@@ -400,6 +436,7 @@ class FlowConfig:
     atol: float = 1e-12
     step_control: Optional[str] = None  # dopri5: per_replica (default) | shared (one step for all replicas)
     compare_downstairs: bool = False    # integrate the downstairs flow alongside
+    hold_converged: bool = False        # per_replica: each replica stops once E < run.stop_energy
     weight_decay: float = 0.0           # λ: the flow of L + (λ/2) Σ_p ‖W_p‖²
 
 
@@ -412,6 +449,7 @@ class DownstairsConfig:
     atol: float = 1e-12
     step_control: Optional[str] = None  # dopri5: per_replica (default) | shared (one step for all replicas)
     depth: Optional[str] = None         # N as an int or "inf"; None = model depth
+    hold_converged: bool = False        # per_replica: each replica stops once E < run.stop_energy
     time_scale: str = "auto"            # raw (t) | per_depth (τ = N t) | auto (per_depth at N = inf)
 
 
@@ -420,6 +458,12 @@ def step_control(optim: Any) -> str:
     if optim.step_control is not None:
         return optim.step_control
     return "per_replica" if optim.method in ADAPTIVE else "shared"
+
+
+def holds_converged(optim: Any) -> bool:
+    """optim.hold_converged, where the optimiser has it (flow, downstairs; not free_energy, whose
+    flow does not go to E = 0)."""
+    return bool(optim.get("hold_converged", False))
 
 
 def _check_solver(cfg: Any) -> None:
@@ -431,6 +475,13 @@ def _check_solver(cfg: Any) -> None:
         if cfg.optim.step_control == "per_replica" and cfg.optim.method not in ADAPTIVE:
             fail("optim.step_control", "per_replica", f"it needs the adaptive method dopri5, not "
                  f"optim.method={cfg.optim.method}, whose fixed steps are one grid for all replicas")
+    if holds_converged(cfg.optim) and step_control(cfg.optim) != "per_replica":
+        fail("optim.hold_converged", True, "it needs per-replica step control (optim.method=dopri5 with "
+             f"optim.step_control=per_replica or null), not {step_control(cfg.optim)} steps, which "
+             "cannot stop one replica alone")
+    if holds_converged(cfg.optim) and not cfg.run.stop_energy:
+        fail("optim.hold_converged", True, "it needs a positive run.stop_energy, the energy below "
+             "which a replica is held")
 
 
 def _check_flow(cfg: Any) -> None:

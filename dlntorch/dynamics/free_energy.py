@@ -34,34 +34,11 @@ import torch
 from torch import Tensor
 
 from ..errors import fail, one_of, parse_depth, positive_finite, resolve_depth
-from ..geometry import Depth, as_depth, f_inf, f_N, is_infinite_depth
+from ..geometry import Depth, entropy_singular_gradient, pair_function
 from ..network import DeepLinearNetwork
 from ..optim import OPTIMISERS
 from ..tasks import Task, task_shape
 from .flows import DownstairsFlow, _check_solver, _Counted, _not_an_optimizer, _solve, _time_grid, clock_scale
-
-
-def pair_function(N: Depth) -> Callable[[Tensor, Tensor], Tensor]:
-    """(x, y) ↦ f_N(x, y), or f_∞ = lim f_N/N at N = inf (the pair weight of A_N and of S_N)."""
-    return f_inf if is_infinite_depth(N) else (lambda x, y: f_N(x, y, N))
-
-
-def entropy_singular_gradient(s: Tensor, N: Depth) -> Tensor:
-    """∂S_N/∂s_i = ½ Σ_{j≠i} ∂_1 log f_N(s_i, s_j) for singular values s (B, d) > 0; shape (B, d).
-
-    N = math.inf: the derivative of S̃_∞ = ½ Σ_{i<j} log f_∞(s_i, s_j) (the W-dependent part of S_N
-    as N → ∞; see the module docstring). N = 1: zeros (S_1 = 0).
-    """
-    d = s.shape[-1]
-    if d == 1 or (not is_infinite_depth(N) and as_depth(N) == 1):
-        return torch.zeros_like(s)
-    pair = pair_function(N)
-    with torch.enable_grad():
-        x = s.detach().clone().requires_grad_(True)
-        i, j = torch.triu_indices(d, d, offset=1, device=s.device)
-        half_log = 0.5 * torch.log(pair(x[..., i], x[..., j])).sum()
-        (grad,) = torch.autograd.grad(half_log, x)
-    return grad
 
 
 def entropy_gradient(W: Tensor, N: Depth) -> Tensor:

@@ -6,12 +6,21 @@ planes: a copy with the replica axis last and contiguous, (d_out, d_in, B); C = 
         faster than B tiny matmuls for small widths and many replicas.
 The update kernels (dlntorch.optim) and the chain rule (network.factor_gradients) run on
 either: they are given the layout's `mm` and `T`, and its `view` of tensors drawn in the
-parameters' shape.
+parameters' shape. `mm(a, b)` without `out` is the same product out of place (run.compile).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+PLANES_MAX_WIDTH = 6        # planes pay off when every width is ≤ this …
+PLANES_MIN_REPLICAS = 512   # … and there are at least this many replicas (crossovers measured on a CPU)
+
+
+def planes_pay(widths, replicas: int) -> bool:
+    """Whether the planes layout beats batched tiny matmuls (the fast path's and the per-replica
+    flow's choice)."""
+    return max(widths) <= PLANES_MAX_WIDTH and replicas >= PLANES_MIN_REPLICAS
 
 
 class Workspace:
@@ -31,7 +40,7 @@ class Workspace:
             self.to_task, self.from_task, self.view = _same, _same, _same
         else:
             new = lambda r, c: torch.empty(r, c, B, **like)  # noqa: E731
-            self.mm, self.T = _planes_mm, _planes_T
+            self.mm, self.T = planes_mm, planes_T
             self.to_task, self.from_task, self.view = _replica_first, _replica_last, _replica_last
             self.planes = [new(*s) for s in shapes]
         # prefix[p] = W_{p+1} ⋯ W_1 (index 0 unused: it is W_1 itself), back[p] = (W_N ⋯ W_{p+2})^T ∇E
@@ -57,7 +66,7 @@ def _key(factors: list[Tensor]) -> list[tuple]:
     return [(f.shape, f.dtype, f.device, f.data_ptr()) for f in factors]
 
 
-def _bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+def _bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.bmm(a, b, out=out)
 
 
@@ -65,14 +74,22 @@ def _batch_T(x: Tensor) -> Tensor:
     return x.mT
 
 
-def _planes_mm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+def planes_mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """C = A B on planes (d_out, d_in, B): Σ_k A[:, k] ⊗ B[k, :], into `out`, or (None) out of
+    place with the same ops, which torch.compile can trace (an in-place chain on a traced input
+    compiled a wrong step in torch 2.13)."""
+    if out is None:
+        out = a[:, 0:1] * b[0:1]
+        for k in range(1, a.shape[1]):
+            out = torch.addcmul(out, a[:, k:k + 1], b[k:k + 1])
+        return out
     torch.mul(a[:, 0:1], b[0:1], out=out)
     for k in range(1, a.shape[1]):
         out.addcmul_(a[:, k:k + 1], b[k:k + 1])
     return out
 
 
-def _planes_T(x: Tensor) -> Tensor:
+def planes_T(x: Tensor) -> Tensor:
     return x.transpose(0, 1)
 
 

@@ -9,12 +9,14 @@ import torch
 from torch import Tensor
 
 from .. import compat
+from ..budget import total_steps
 from ..network import DeepLinearNetwork, chain, factor_gradients
-from ..optim import build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
+from ..optim import OPTIMISERS, build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
 from ..tasks import Reshuffled, Task
+from . import compiled
 from .base import Dynamics
 from .graphs import CapturedSteps
-from .layouts import Workspace
+from .layouts import Workspace, planes_pay
 
 
 class StepDynamics(Dynamics):
@@ -53,10 +55,12 @@ class StepDynamics(Dynamics):
       on CUDA, plain `gd` at constant lr replays `graph_steps` steps captured once as a CUDA graph (one launch
       instead of ~20 per step: tiny matrices are launch-bound); any other case, and the remainder
       of a chunk, runs eagerly — the same kernels, so the eager path is the fallback.
+    - `run.compile` (auto | on | off; dynamics/compiled.py): the fused step's gradients and drift
+      through torch.compile, out of place, written back into the layout's state; the draws
+      (weights, label noise, rule noise) stay eager, in the same order. `auto` decides from the
+      run's steps, replicas and widths (a fixed rule, like the layout); a compile that fails
+      leaves the eager path with one warning. Compiled steps take precedence over CUDA graphs.
     """
-
-    PLANES_MAX_WIDTH = 6        # planes: every width ≤ this …
-    PLANES_MIN_REPLICAS = 512   # … and at least this many replicas (crossovers measured on a CPU)
 
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task, seed: int,
                  layout: str | None = None, cuda_graphs: bool | None = None, graph_steps: int = 16):
@@ -67,7 +71,8 @@ class StepDynamics(Dynamics):
         self.optimizer = build_optimizer(cfg.optim, self.params, self.generator)
         self.closed_form = cfg.run.gradient != "autograd"
         self.name = cfg.optim.name
-        self.scheduler = build_schedule(cfg.optim, self.optimizer, cfg.run.steps)
+        # a schedule spans the run's steps: run.steps, or what run.time needs (config.budget)
+        self.scheduler = build_schedule(cfg.optim, self.optimizer, total_steps(cfg))
         self.steps_done, self.clock = 0, 0.0          # steps taken and t = Σ lr_k (with a schedule)
         self.batch_size = cfg.optim.get("batch_size")  # None: the full batch
         if self.batch_size is not None:                # a file task's units are known only now
@@ -81,8 +86,7 @@ class StepDynamics(Dynamics):
         self.fused = self.kernel is not None
         self._draws = getattr(self.optimizer, "term", None) is not None   # the rule draws noise
         if layout is None:
-            small = max(net.widths) <= self.PLANES_MAX_WIDTH and net.replicas >= self.PLANES_MIN_REPLICAS
-            layout = "planes" if self.fused and small else "batch"
+            layout = "planes" if self.fused and planes_pay(net.widths, net.replicas) else "batch"
         if layout not in ("batch", "planes") or (layout == "planes" and not self.fused):
             raise ValueError(f"layout={layout!r} is not allowed here: 'batch', or 'planes' with an update rule that "
                              "has a kernel (gd, sgd, langevin with isotropic noise) and closed-form gradients.")
@@ -91,6 +95,12 @@ class StepDynamics(Dynamics):
         self.graph_steps = graph_steps
         self._work: Workspace | None = None
         self._graph: CapturedSteps | None = None
+        extra = OPTIMISERS[self.name].extra
+        setting = cfg.run.get("compile", "off")
+        self.compiles = self.fused and "drift" in extra and setting != "off" and compiled.decide(
+            setting, total_steps(cfg) if setting == "auto" else 0, net.replicas, net.widths, layout)
+        self._drift, self._noise = extra.get("drift"), extra.get("noise")
+        self._compiled: compiled.CompiledStep | None = None   # built with the workspace it closes over
 
     # -- the loop's interface ---------------------------------------------------------
     def advance(self, steps: int) -> None:
@@ -104,7 +114,8 @@ class StepDynamics(Dynamics):
             state = self._state_in()
             if not self.fused:
                 for _ in range(steps):
-                    for param, grad in zip(self.params, self._gradients(state, self._weights())):
+                    weights = self._weights()
+                    for param, grad in zip(self.params, self._gradients(state, weights, self._label_noise())):
                         param.grad = grad
                     self.optimizer.step()
                     self._tick()
@@ -148,17 +159,37 @@ class StepDynamics(Dynamics):
     def task_changed(self) -> None:
         # a captured CUDA graph holds the task's loss coefficient as a constant: capture anew
         self._graph = None
+        self._compiled = None
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """The wall time of the first compiled step (the compile's cost); None if none ran."""
+        return None if self._compiled is None else self._compiled.seconds
 
     @property
     def beta(self) -> float | None:
         return self.optimizer.param_groups[0].get("beta")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.beta is not None       # Langevin: the only update rule with a temperature
 
     @torch.no_grad()
     def energy(self) -> Tensor:
         return self.task.energy(chain(self.factors()))
 
     def counters(self) -> dict[str, int]:
-        return {} if self.reshuffled is None else {"epochs": self.reshuffled.epochs}
+        counts = {} if self.reshuffled is None else {"epochs": self.reshuffled.epochs}
+        if (hits := self.observables().get("singular_hits")) is not None:
+            counts["singular_hits"] = int(hits.sum())
+        return counts
+
+    def observables(self) -> dict[str, Tensor]:
+        """singular_hits per replica where the noise term takes whole steps (balanced on d×d factors)."""
+        if not getattr(getattr(self.optimizer, "term", None), "whole_step", False):
+            return {}
+        hits = self.optimizer.state[self.params[0]].get("singular_hits")
+        return {"singular_hits": torch.zeros_like(self.params[0].detach()[:, 0, 0]) if hits is None else hits.clone()}
 
     def state_dict(self) -> dict[str, Any]:
         state = {"factors": [p.detach().cpu() for p in self.params],
@@ -191,7 +222,7 @@ class StepDynamics(Dynamics):
         factors = [p.detach() for p in self.params]
         if self._work is None or self._work.stale(factors):
             self._work = Workspace(factors, self.layout)
-            self._graph = None
+            self._graph = self._compiled = None
         work = self._work
         if self.layout == "batch":
             return factors
@@ -218,24 +249,45 @@ class StepDynamics(Dynamics):
         return self.task.label_noise(self.net.replicas, self.label_sigma, self.generator) if self.label_sigma else None
 
     # -- closed-form gradients ------------------------------------------------------------
-    def _gradients(self, state: list[Tensor], weights: Tensor | None) -> list[Tensor]:
+    def _gradients(self, state: list[Tensor], weights: Tensor | None, noise: Tensor | None) -> list[Tensor]:
         """∂L/∂W_p for all p by the chain rule on the working layout, into the workspace."""
-        work, noise = self._work, self._label_noise()
-        return factor_gradients(state, lambda W: work.from_task(self.task.gradient(work.to_task(W), weights, noise)),
-                                work.mm, work.T, work)
+        return factor_gradients(state, lambda W: self._task_gradient(W, weights, noise), self._work.mm,
+                                self._work.T, self._work)
+
+    def _task_gradient(self, W: Tensor, weights: Tensor | None, noise: Tensor | None) -> Tensor:
+        """∇E at the product W, both in the working layout."""
+        work = self._work
+        return work.from_task(self.task.gradient(work.to_task(W), weights, noise))
 
     def _fused_steps(self, state: list[Tensor], steps: int) -> None:
         work, kernel, optimizer = self._work, self.kernel, self.optimizer
         draws = work.noise if self._draws else None
+        if self.compiles and self._compiled is None:
+            self._compiled = compiled.CompiledStep(compiled.drift_step(self._task_gradient, work.mm, work.T,
+                                                                       self._drift))
         for _ in range(steps):
-            kernel(optimizer, state, self._gradients(state, self._weights()), draws, work.view)
+            weights, noise = self._weights(), self._label_noise()   # drawn in this order on every path
+            if not (self.compiles and self._compiled_step(state, weights, noise, draws)):
+                kernel(optimizer, state, self._gradients(state, weights, noise), draws, work.view)
             self._tick()
+
+    def _compiled_step(self, state: list[Tensor], weights: Tensor | None, noise: Tensor | None,
+                       draws: list[Tensor] | None) -> bool:
+        """One step by the compiled drift, then the rule's noise eagerly; False (nothing done)
+        once compiling has failed, and from then on the dynamics stays eager."""
+        group = self.optimizer.param_groups[0]
+        if not self._compiled(state, weights, noise, group["lr"], group["weight_decay"]):
+            self.compiles = False
+            return False
+        if self._noise is not None:
+            self._noise(self.optimizer, state, draws, self._work.view)
+        return True
 
     # -- CUDA graphs --------------------------------------------------------------------
     def _graphs_apply(self) -> bool:
         # a captured graph bakes in its lr: only at constant lr (no schedule) and without label noise
         return (self.cuda_graphs and self.name == "gd" and self.scheduler is None and not self.label_sigma
-                and self.params[0].device.type == "cuda")
+                and self.params[0].device.type == "cuda" and not self.compiles)
 
     def _replay(self, state: list[Tensor], steps: int) -> int:
         """Replay the captured `graph_steps` steps as often as they fit; returns the steps done.
@@ -251,3 +303,4 @@ class StepDynamics(Dynamics):
                 self.cuda_graphs = False
                 return 0
         return self._graph.replay(steps)
+
