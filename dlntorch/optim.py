@@ -112,13 +112,33 @@ def group_rmsprop_update_(params: Sequence[Tensor], grads: Sequence[Tensor], sec
 
 # ------------------------------------------------------------------------------ Optimizers
 
-class Langevin(Optimizer):
+class KernelOptimizer(Optimizer):
+    """A torch.optim.Optimizer whose step is one of the kernels above, applied group by group to the
+    parameters that have a gradient (the closure protocol of torch.optim, written once here)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self.step_group(group, params)
+        return loss
+
+    def step_group(self, group: dict, params: list[Tensor]) -> None:
+        raise NotImplementedError
+
+
+class Langevin(KernelOptimizer):
     """Unadjusted Langevin (`langevin_update_`) as a torch.optim.Optimizer.
 
-    noise: a registered noise model (dlntorch.noise): "isotropic" — ξ ~ N(0, I) in every factor,
-    stationary law ∝ e^{−βL} — or "fibre" — an exact random walk along the fibres, the product
-    only feels the gradient (problem 7); with fibre noise the parameters must be the chain
-    [W_1, …, W_N] in order. `generator` makes the noise reproducible and checkpointable.
+    noise: a registered noise model (dlntorch.noise, NOISES: each one's SDE is in its docstring):
+    "isotropic" — ξ ~ N(0, I) in every factor, stationary law ∝ e^{−βL} — or one that moves along
+    the fibres (gl_walk, tangential, fibre_brownian, balanced), for which the parameters must be
+    the chain [W_1, …, W_N] in order. `generator` makes the noise reproducible and checkpointable.
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float, beta: float, weight_decay: float = 0.0,
@@ -135,16 +155,8 @@ class Langevin(Optimizer):
         self.term: NoiseTerm = noise_term(noise, kappa, singular_threshold)
         self.term.check_start([p for group in self.param_groups for p in group["params"]])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            self.update_(params, [p.grad for p in params], group)
-        return loss
+    def step_group(self, group: dict, params: list[Tensor]) -> None:
+        self.update_(params, [p.grad for p in params], group)
 
     def update_(self, params, grads, group=None, draws=None, view=None) -> None:
         """The kernel with this optimizer's hyper-parameters and noise (the fast path calls it too)."""
@@ -153,7 +165,7 @@ class Langevin(Optimizer):
                          self.generator, draws, view, self.state[params[0]] if self.term.whole_step else None)
 
 
-class GroupRMSprop(Optimizer):
+class GroupRMSprop(KernelOptimizer):
     """`group_rmsprop_update_` as a torch.optim.Optimizer. Each param group is one network's
     factors with the replica axis first, (B, d_p, d_{p−1}); the state kept is one second moment
     v per replica (B,) for the whole group — not per entry as in RMSprop, never across replicas."""
@@ -164,23 +176,13 @@ class GroupRMSprop(Optimizer):
             raise ValueError(f"lr={lr} must be finite and > 0")
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            state = self.state[group["params"][0]]     # the group's one v, kept with its first factor
-            if "second_moment" not in state:
-                state["second_moment"] = torch.zeros(params[0].shape[0], dtype=params[0].dtype,
-                                                     device=params[0].device)
-            group_rmsprop_update_(params, [p.grad for p in params], state["second_moment"], group["lr"],
-                                  group["alpha"], group["eps"], group["weight_decay"])
-        return loss
+    def step_group(self, group: dict, params: list[Tensor]) -> None:
+        state = self.state[group["params"][0]]     # the group's one v, kept with its first factor
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros(params[0].shape[0], dtype=params[0].dtype,
+                                                 device=params[0].device)
+        group_rmsprop_update_(params, [p.grad for p in params], state["second_moment"], group["lr"],
+                              group["alpha"], group["eps"], group["weight_decay"])
 
 
 # ------------------------------------------------------------------------------ schedules
