@@ -13,10 +13,12 @@ whether the replicas get there. Per model, β, depth N and start ε:
   follows the same SDE), which count a *singular hit* at every step whose proposal has
   σ_min < THRESHOLD or crosses det W = 0 (where they reflect): the fraction of replicas with a hit by
   t (the first-hit time's distribution function, Wilson 95 %) and the mean number of hits per
-  replica, at two step sizes h and h/4. The per-step count is not a step-independent quantity (it
-  grows as h shrinks: like h^{−1/2} for a threshold below the step's noise, up to h^{−1} when the
-  threshold band is wider than a step), the first-hit fraction is (its discrete monitoring misses
-  excursions between steps, an error that shrinks like h^{1/2}); the table shows both.
+  replica (with its standard error), at two step sizes h and h/4. The per-step count is not a
+  step-independent quantity: it grows as h shrinks, like h^{−1/2} for a threshold below a step's
+  noise (the zero-crossings of a discretised Brownian motion), like h^{−1} when the threshold band
+  is wider than a step, where h × hits is the time spent below the threshold (`time_below`). The
+  first-hit fraction is step-independent up to the discrete monitoring's misses of excursions
+  between steps (an error that shrinks like h^{1/2}); the table shows both.
 
 Models: isotropic; tangential κ = 0 (the product moves only by the drift and the Itô mean-curvature
 term); rle; balanced.
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis import load_run
-from .common import Notebook, slide_axes, wilson_interval
+from .common import Notebook, slide_axes, standard_error, wilson_interval
 
 THRESHOLD = 1e-3
 MODELS = {"isotropic": {"name": "langevin", "noise": "isotropic"},
@@ -97,7 +99,10 @@ def one_run(book, grid, model_name, optim, lr, steps, N, beta, eps, curves) -> d
     curves[model_name, lr, N, beta, eps] = (traj["t"], low.mean(1))
     if model_name in COUNTING:
         hits = traj["singular_hits"]                       # (time, replicas): cumulative per replica
-        row.update(proportion(hits[-1] > 0, "step_"), hits_per_replica=float(hits[-1].mean()))
+        # h × hits: the time spent below the threshold (at the steps), the count's step-independent limit
+        row.update(proportion(hits[-1] > 0, "step_"), hits_per_replica=float(hits[-1].mean()),
+                   hits_per_replica_se=standard_error(hits[-1]), time_below=lr * float(hits[-1].mean()),
+                   time_below_se=lr * standard_error(hits[-1]))
         curves[model_name, lr, N, beta, eps] = (traj["t"], (hits > 0).mean(1))
     row.update(diverged=int(np.sum(summary["final"]["diverged"])),
                sigma_min_median_end=float(np.nanmedian(traj["sigma_min"][-1])))
@@ -131,14 +136,27 @@ def report(book: Notebook, grid: dict, rows: list[dict]) -> None:
              f"→ h/{REFINE}: the fraction of replicas with a hit by t (Wilson 95 %) and the mean hits per replica: "
              + "; ".join(f"{h['model']} N={h['N']} β={h['beta']:g} ε={h['start_sigma_min']:g}: "
                          f"{interval(h, 'step_')} → {interval(fine, 'step_')}, "
-                         f"{h['hits_per_replica']:.3g} → {fine['hits_per_replica']:.3g}"
+                         f"{h['hits_per_replica']:.3g} → {fine['hits_per_replica']:.3g} "
+                         f"(time below {h['time_below']:.2g} ± {h['time_below_se']:.1g} → "
+                         f"{fine['time_below']:.2g} ± {fine['time_below_se']:.1g})"
                          for h, fine in pairs) + ".",
              hits_per_replica_ratio=ratios)
+    pooled = {}
+    for model_name in COUNTING:
+        for lr, _ in step_sizes(model_name, grid):
+            these = [r for r in rows if r["model"] == model_name and r["lr"] == lr]
+            pooled[f"{model_name} h={lr:g}"] = {"first_hits": sum(r["step_hit"] for r in these),
+                                                "replicas": sum(r["replicas"] for r in these),
+                                                "hits": sum(r["hits_per_replica"] * r["replicas"] for r in these)}
+    book.say("Over the whole grid (every N, β and start): " + "; ".join(
+        f"{name}: {p['first_hits']}/{p['replicas']} replicas hit, {p['hits']:.0f} hits" for name, p in pooled.items())
+        + ".", pooled=pooled)
 
 
 def plot(book: Notebook, grid: dict, curves: dict) -> None:
     """Top: the fraction against t at the middle β and h, per model (the counting models' own hits);
-    bottom: the counting models at h and h/REFINE, per N, at the closest start."""
+    bottom: the counting models at h and h/REFINE, per N, at the smallest β (the most hits) and the
+    closest start."""
     fig, axes = slide_axes(2, len(MODELS), width=5.0, height=4.0)
     beta_mid, h = grid["betas"][len(grid["betas"]) // 2], grid["lr"]
     label = {True: "fraction with a singular hit", False: f"fraction with σ_min < {THRESHOLD:g}"}
@@ -150,14 +168,14 @@ def plot(book: Notebook, grid: dict, curves: dict) -> None:
         ax.set(xlabel="time t", ylabel=label[model_name in COUNTING], ylim=(-0.02, 1.02),
                title=f"{model_name}, β = {beta_mid:g}, h = {h:g}")
         ax.legend(fontsize=8)
-    eps = grid["starts"][-1]
+    eps, beta_low = grid["starts"][-1], grid["betas"][0]
     for ax, model_name in zip(axes[1], COUNTING):
         for k, N in enumerate(grid["depths"]):
             for style, (lr, _) in zip(("-", "--"), step_sizes(model_name, grid)):
-                t, fraction = curves[model_name, lr, N, beta_mid, eps]
+                t, fraction = curves[model_name, lr, N, beta_low, eps]
                 ax.plot(t, fraction, style, color=f"C{k}", label=f"N={N}, h={lr:g}")
         ax.set(xlabel="time t", ylabel=label[True], ylim=(-0.02, 1.02),
-               title=f"{model_name}, β = {beta_mid:g}, ε = {eps:g}: h and h/{REFINE}")
+               title=f"{model_name}, β = {beta_low:g}, ε = {eps:g}: h and h/{REFINE}")
         ax.legend(fontsize=8)
     for ax in axes[1][len(COUNTING):]:
         ax.axis("off")
