@@ -23,8 +23,9 @@ Sections (CPU unless said):
      (dlntorch.solvers) against one shared step (torchdiffeq, dlntorch.dynamics.flows), against the most
      any of 32 replicas needs alone, and each replica's error against a tight reference;
      torchode (per-instance steps, dense output) alongside when it is installed.
-  6  noise models (dlntorch.noise) on the seed 2x2 task, depth 3, B = 4096, one Langevin step outside
-     the run loop: seconds per replica-step of each model and its ratio to isotropic (target ≤ 10x),
+  6  noise models (dlntorch.noise; balanced on 2x2 factors) and optim=rle (downstairs, 2x2) on the seed
+     2x2 task, depth 3, B = 4096, one step outside the run loop: seconds per replica-step of each
+     model and its ratio to isotropic (target ≤ 10x),
      the share of a step spent in the fibre's projection solve (the normal equations of
      dlntorch.fibre.minimum_norm_generator), and the cost of the SVD of τ (the fallback) against
      that solve (`--sections 6`).
@@ -652,11 +653,13 @@ class NoiseStepper:
         W = torch.randn(B, 2, 2, generator=gen, dtype=torch.float64)
         self.start = balanced_factors(W, [2, 2, 2, 2], generator=gen)
         self.task, self.term, self.lr, self.beta = Seed2x2(), noise_term(noise, kappa), lr, beta
+        self.term.check_start(self.start)        # balanced: a whole step on d×d factors (and its start's checks)
         self.reset()
 
     def reset(self) -> None:
         self.factors = [f.clone() for f in self.start]
         self.generator = torch.Generator().manual_seed(1)
+        self.state: dict = {}                    # balanced: its singular_hits count
 
     def run(self, n: int) -> None:
         from dlntorch.network import chain, factor_gradients
@@ -664,7 +667,28 @@ class NoiseStepper:
         with torch.no_grad():
             for _ in range(n):
                 grads = factor_gradients(self.factors, self.task.gradient(chain(self.factors)))
-                langevin_update_(self.factors, grads, self.lr, self.beta, 0.0, self.term, self.generator)
+                langevin_update_(self.factors, grads, self.lr, self.beta, 0.0, self.term, self.generator,
+                                 state=self.state)
+
+
+class RLEStepper(NoiseStepper):
+    """optim=rle's step (dlntorch.rle.rle_step) on the product of the same start, N = 3 in time t:
+    one SVD of W, the frame step in (r, U, V), the rebuilt W; the hits counted as the dynamics does."""
+
+    def reset(self) -> None:
+        from dlntorch.network import chain
+        super().reset()
+        self.W = chain(self.start)
+        self.hits = torch.zeros(self.W.shape[0], dtype=torch.int64)
+
+    def run(self, n: int) -> None:
+        from dlntorch.rle import Clock, rle_step
+        clock = Clock(3)
+        with torch.no_grad():
+            for _ in range(n):
+                xi = torch.randn(self.W.shape, generator=self.generator, dtype=self.W.dtype)
+                self.W, hit = rle_step(self.W, self.task.gradient(self.W), self.beta, self.lr, clock, xi, 1e-6)
+                self.hits += hit
 
 
 class ProjectionOnly(NoiseStepper):
@@ -691,12 +715,16 @@ class SvdOnly(NoiseStepper):
 
 def section_noise(repeats: int, chunk_s: float, quick: bool) -> dict:
     """Cost per replica-step of each noise model against isotropic at B = 4096 (seed 2x2, depth 3),
-    and the fraction of a step spent in the projection solve (tangential: one; fibre_brownian: two)."""
+    and the fraction of a step spent in the projection solve (tangential: one; fibre_brownian: two).
+    balanced: Brownian motion on M_0 plus the gradient from the same balanced start (a whole step in
+    orbit coordinates); rle: the RLE downstairs on its product (2x2, N = 3)."""
     B = 4096
     models = {"isotropic": ("isotropic", None), "gl_walk": ("gl_walk", None),
               "tangential κ=0": ("tangential", 0.0), "tangential κ=0.5": ("tangential", 0.5),
-              "fibre_brownian": ("fibre_brownian", None)}
+              "fibre_brownian": ("fibre_brownian", None), "balanced": ("balanced", None)}
     runners = {name: NoiseStepper(noise, B, kappa) for name, (noise, kappa) in models.items()}
+    runners["rle (downstairs)"] = RLEStepper("isotropic", B)
+    models["rle (downstairs)"] = ("rle", None)
     runners["projection solve"] = ProjectionOnly("isotropic", B)
     runners["tangent-map SVD"] = SvdOnly("isotropic", B)
     result = race(runners, torch.device("cpu"), repeats, chunk_s)

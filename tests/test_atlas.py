@@ -218,18 +218,35 @@ def test_p3_free_energy_quick(tmp_path):
 @pytest.mark.slow
 def test_p5_low_rank_noise_quick(tmp_path):
     """Each row's hit count is the number of replicas whose running minimum of σ_min crossed the
-    threshold, recomputed here from the run's own trajectory, and lies inside its Wilson interval."""
+    threshold, recomputed here from the run's own trajectory, and lies inside its Wilson interval.
+    The RLE models (rle, balanced) at h and h/4 reflect at det W = 0, so det W never changes sign,
+    and they count a hit at every step whose proposal fell below the threshold, so each replica
+    whose logged σ_min did is among those with a singular hit."""
     from dlntorch.analysis import load_run
-    from dlntorch.atlas.p5_low_rank_noise import THRESHOLD
+    from dlntorch.atlas.p5_low_rank_noise import COUNTING, MODELS, REFINE, THRESHOLD
     book = measure("p5_low_rank_noise", tmp_path / "p5", quick=True)
-    settings, rows = check_outputs(book.out, "p5_low_rank_noise", ["model", "N", "beta", "start_sigma_min", "hit",
-                                                                   "fraction", "wilson_low", "wilson_high"])
+    settings, rows = check_outputs(book.out, "p5_low_rank_noise", ["model", "lr", "N", "beta", "start_sigma_min",
+                                                                   "hit", "fraction", "wilson_low", "wilson_high",
+                                                                   "crossed_hit", "step_hit", "step_wilson_low",
+                                                                   "step_wilson_high", "hits_per_replica"])
+    assert len(rows) == len(settings["configs"]) == len(MODELS) + len(COUNTING)     # one start, N and β
+    h = settings["settings"]["lr"]
     for row, cfg in zip(rows, settings["configs"]):
-        sigma = load_run(cfg["run"]["out_dir"]).trajectory["sigma_min"]
-        assert int(row["hit"]) == int((np.nanmin(sigma, axis=0) < THRESHOLD).sum())
+        trajectory = load_run(cfg["run"]["out_dir"]).trajectory
+        sigma = trajectory["sigma_min"]
+        low = np.nanmin(sigma, axis=0) < THRESHOLD
+        assert int(row["hit"]) == int(low.sum())
         # 1e-12: the Wilson formula's rounding at 0 successes (centre − half ≈ 3e-18, not 0)
         assert float(row["wilson_low"]) - 1e-12 <= float(row["fraction"]) <= float(row["wilson_high"])
+        if row["model"] in COUNTING:
+            hits = trajectory["singular_hits"][-1]
+            assert int(row["step_hit"]) == int((hits > 0).sum()) and np.all(hits[low] > 0)
+            assert int(row["crossed_hit"]) == 0 and np.all(trajectory["det"] > 0)      # det W0 = ε > 0
+            assert float(row["step_wilson_low"]) - 1e-12 <= int(row["step_hit"]) / int(row["replicas"]) \
+                <= float(row["step_wilson_high"])
+    assert {float(r["lr"]) for r in rows if r["model"] in COUNTING} == {h, h / REFINE}
     assert any(int(r["hit"]) > 0 for r in rows)      # at β = 5 the noise reaches the singular set
+    assert any(int(r["crossed_hit"]) > 0 for r in rows if r["model"] == "isotropic")   # and crosses it
 
 
 def test_p4_infinite_depth_quick(tmp_path):
