@@ -326,6 +326,46 @@ def exp_pair(A: Tensor) -> tuple[Tensor, Tensor]:
     return ahead, behind
 
 
+def svd_pair(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The SVD M = U diag(s) V^T of 2x2 matrices (B, 2, 2) in closed form: (U, s, V), s₁ ≥ s₂ ≥ 0.
+
+    Why: torch's batched SVD of 2x2 matrices is LAPACK called per matrix, most of a noise step's
+    cost at B = 4096. With E = (m₁₁ + m₂₂)/2, F = (m₁₁ − m₂₂)/2, G = (m₂₁ + m₁₂)/2, H = (m₂₁ − m₁₂)/2,
+    M = R(φ) diag(Q + R′, Q − R′) R(−θ) with Q = √(E² + H²), R′ = √(F² + G²), φ ± θ = atan2(H, E),
+    atan2(G, F) (the decomposition into a rotation-scaling and a reflection-scaling part), R(α)
+    the rotation by α; a negative second value (det M < 0) is made positive by flipping V's column."""
+    E, F = (M[..., 0, 0] + M[..., 1, 1]) / 2, (M[..., 0, 0] - M[..., 1, 1]) / 2
+    G, H = (M[..., 1, 0] + M[..., 0, 1]) / 2, (M[..., 1, 0] - M[..., 0, 1]) / 2
+    Q, R = torch.hypot(E, H), torch.hypot(F, G)
+    a1, a2 = torch.atan2(G, F), torch.atan2(H, E)
+    phi, theta = (a2 + a1) / 2, (a2 - a1) / 2
+    s1, s2 = Q + R, Q - R
+    sign = torch.where(s2 < 0, -1.0, 1.0).to(M.dtype)
+    U = _rotation_pair(phi)
+    V = _rotation_pair(-theta) * torch.stack([torch.ones_like(sign), sign], -1).unsqueeze(-2)
+    return U, torch.stack([s1, s2.abs()], -1), V
+
+
+def _rotation_pair(angle: Tensor) -> Tensor:
+    c, s = torch.cos(angle), torch.sin(angle)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def polar_pair(A: Tensor) -> Tensor:
+    """The orthogonal polar factor of 2x2 matrices (B, 2, 2) in closed form: A + sign(det A)·cof(A)
+    is a multiple of it (its columns are orthogonal with equal norms), normalised; the same as
+    X Yᵀ from the SVD A = X Σ Yᵀ wherever A is invertible."""
+    a, b, c, d = A[..., 0, 0], A[..., 0, 1], A[..., 1, 0], A[..., 1, 1]
+    flip = (a * d - b * c) < 0
+    p = torch.where(flip, a - d, a + d)
+    q = torch.where(flip, b + c, b - c)
+    norm = torch.hypot(p, q)
+    p, q = p / norm, q / norm
+    first = torch.stack([p, torch.where(flip, q, -q)], -1)       # the first column (p, ∓q)
+    second = torch.stack([q, torch.where(flip, -p, p)], -1)      # the second column (q, ±p)
+    return torch.stack([first, second], -1)
+
+
 def fibre_move(factors: Sequence[Tensor], generators: Sequence[Tensor]) -> list[Tensor]:
     """W_p ← expm(A_p) W_p expm(−A_{p−1}), A_0 = A_N = 0; generators = [A_1, …, A_{N−1}].
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .geometry import Depth, entropy_singular_gradient, f_inf, f_N, is_infinite_depth
+from .geometry import Depth, entropy_singular_gradient, f_inf, f_N, is_infinite_depth, polar_pair, svd_pair
 
 
 @dataclass(frozen=True)
@@ -146,9 +146,19 @@ def rotation(Omega: Tensor) -> Tensor:
 
 
 def frame(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """W = U diag(s) V^T: (U, s, V) by one batched SVD."""
+    """W = U diag(s) V^T: (U, s, V) by one batched SVD (in closed form for 2x2: svd_pair)."""
+    if W.shape[-2:] == (2, 2):
+        return svd_pair(W)
     U, s, Vh = torch.linalg.svd(W)
     return U, s, Vh.mT
+
+
+def polar(A: Tensor) -> Tensor:
+    """The orthogonal polar factor X Y^T of A = X Σ Y^T (in closed form for 2x2: polar_pair)."""
+    if A.shape[-2:] == (2, 2):
+        return polar_pair(A)
+    X, _, Yh = torch.linalg.svd(A)
+    return X @ Yh
 
 
 def rle_step(W: Tensor, gradient: Tensor, beta: float, dt: float, clock: Clock, xi: Tensor,
@@ -177,11 +187,10 @@ def orbit_coordinates(factors: list[Tensor]) -> tuple[list[Tensor], Tensor]:
 
     Q_1, σ, Q_0 from the SVD of W_1; then Q_p = polar(W_p Q_{p−1}) (= Q_p exactly on M_0, where
     W_p Q_{p−1} = Q_p diag(σ); the polar factor stays accurate at one small σ_i, unlike W_p Q_{p−1} Σ^{−1})."""
-    U, sigma, Vh = torch.linalg.svd(factors[0])
-    frames = [Vh.mT, U]
+    U, sigma, V = frame(factors[0])
+    frames = [V, U]
     for W in factors[1:]:
-        X, _, Yh = torch.linalg.svd(W @ frames[-1])
-        frames.append(X @ Yh)
+        frames.append(polar(W @ frames[-1]))
     return frames, sigma
 
 

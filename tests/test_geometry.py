@@ -380,3 +380,25 @@ def test_conservation_law_count():
         parameters = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         assert 0 < count <= min(entries, parameters)
         assert conservation_law_count(widths, seed=1) == count  # generic points share the rank
+
+
+def test_closed_form_svd_and_polar_of_2x2_against_lapack():
+    """svd_pair / polar_pair (the noise models' 2x2 fast path) against torch.linalg.svd, including
+    the degenerate shapes: equal singular values, negative det, rank one, zero, tiny scales.
+    Tolerance 1e-13 relative: a few dozen roundings of the atan2/hypot formulas."""
+    from dlntorch.geometry import polar_pair, svd_pair
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(20000, 2, 2, generator=g, dtype=torch.float64)
+    special = torch.tensor([[[1., 0], [0, 1]], [[2, 0], [0, -2]], [[0, 0], [0, 0]], [[1, 2], [2, 4]],
+                            [[3, 0], [0, 1e-300]], [[1e-200, 0], [0, 1e-200]], [[0, 1], [-1, 0]],
+                            [[0, 1], [1, 0]], [[1e150, 2e150], [3e150, -4e150]]], dtype=torch.float64)
+    for A in (M, special):
+        U, s, V = svd_pair(A)
+        scale = torch.linalg.matrix_norm(A, ord=2).clamp_min(1e-300)[:, None, None]
+        eye = torch.eye(2, dtype=torch.float64)
+        assert ((U @ torch.diag_embed(s) @ V.mT - A).abs() / scale).max() < 1e-13
+        assert (U.mT @ U - eye).abs().max() < 1e-13 and (V.mT @ V - eye).abs().max() < 1e-13
+        assert (s[:, 0] >= s[:, 1]).all() and (s >= 0).all()
+        assert ((s - torch.linalg.svdvals(A)).abs() / scale[:, 0]).max() < 1e-13
+    X, _, Yh = torch.linalg.svd(M)
+    assert (polar_pair(M) - X @ Yh).abs().max() < 1e-12      # M invertible almost surely
