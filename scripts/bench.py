@@ -885,7 +885,8 @@ def run_probe(B: int, steps: int) -> None:
 
     from dlntorch.train import run
     started = time.perf_counter()
-    summary = run(config(f"replicas={B}", f"run.steps={steps}", out=f"stream-{B}-{steps}"))
+    # as the command line runs it: the summary's per-replica columns stay arrays (train.run)
+    summary = run(config(f"replicas={B}", f"run.steps={steps}", out=f"stream-{B}-{steps}"), columns="arrays")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rows = len(np.load(TMP / f"stream-{B}-{steps}" / "trajectory.npz")["t"])
     print(json.dumps({"peak_kib": peak // 1024 if sys.platform == "darwin" else peak, "rows": rows,
