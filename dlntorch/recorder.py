@@ -31,8 +31,9 @@ from .sharpness import observed_sharpness
 
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
 FLUSH_ELEMENTS = 1 << 22      # pending snapshot entries (×8 bytes) before observing them
-OBSERVE_REPLICAS = 1 << 16    # replicas observed in one batch (a multiple of 64: observed_batches), so
+OBSERVE_REPLICAS = 1 << 16    # replicas observed in one batch (a multiple of ALIGN: observed_batches), so
                               # that its temporaries (~1 KB a replica) do not grow with the row's B
+ALIGN = 64                    # ≥ 2 SIMD vectors of torch's widest (AVX-512: 16 float64, 32 float32)
 PRODUCT_ENTRIES = 64          # run.save_product=auto keeps W when it has at most this many entries
 FACTORS_WARN_BYTES = 1 << 30  # run.save_factors=true warns past this size of the saved factors
 
@@ -79,10 +80,12 @@ def warn_if_large(factors: Sequence[torch.Tensor], rows: int) -> None:
 def observed_batches(K: int, B: int, size: int) -> list[list[tuple[int, int, int]]]:
     """The K·B replicas of K snapshots (snapshot after snapshot) in consecutive runs of `size`,
     each as its pieces (k, start, stop) of snapshot k's replicas. Consecutive runs of a multiple
-    of 64, because torch's elementwise loops take 2 SIMD vectors a step and the rest one number at
-    a time (pow, hypot, … round differently there): runs that start on a multiple of 64 split each
+    of ALIGN = 64, because torch's elementwise loops take 2 SIMD vectors a step and the rest one number at
+    a time (pow, hypot, … round differently there): runs that start on a multiple of it split each
     loop exactly where the whole K·B would, so that every replica gets the bits it gets observed
     with all of them at once."""
+    if size <= 0 or size % ALIGN:
+        raise ValueError(f"size={size} is not allowed: observed batches must be a positive multiple of {ALIGN}.")
     batches = []
     for first in range(0, K * B, size):
         pieces, i, last = [], first, min(first + size, K * B)

@@ -53,11 +53,13 @@ def test_observing_in_blocks_changes_no_bit_of_the_outputs(make_cfg, monkeypatch
 
 
 def test_observed_batches_cover_the_replicas_in_order():
-    for K, B, size in [(3, 7, 1), (3, 7, 3), (3, 150, 64), (3, 7, 1 << 16), (1, 10, 4)]:
+    for K, B, size in [(3, 7, 64), (30, 7, 64), (3, 150, 64), (3, 150, 128), (3, 7, 1 << 16), (1, 1000, 192)]:
         batches = recorder.observed_batches(K, B, size)
         flat = [(k, i) for batch in batches for k, b, e in batch for i in range(b, e)]
         assert flat == [(k, i) for k in range(K) for i in range(B)]
         assert [sum(e - b for _, b, e in batch) for batch in batches[:-1]] == [size] * (len(batches) - 1)
+    with pytest.raises(ValueError, match="size=3 is not allowed"):    # would split the SIMD loops elsewhere
+        recorder.observed_batches(3, 7, 3)
 
 
 @pytest.mark.parametrize("array", [np.array([0.1, np.nan, -np.inf, 1e300, 3.0, 2.5e-320, 7.0]),
