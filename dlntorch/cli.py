@@ -85,7 +85,7 @@ def main(cfg: DictConfig) -> float:
     if cfg.threads is None:
         cfg.threads = launcher_threads()
     try:
-        summary = run(cfg)
+        summary = run(cfg, columns="arrays")     # the table and the objective need only the aggregates
     except Interrupted as stop:
         # checkpointed: one line (where, which step, how to resume), no traceback, no failure record
         print(stop, file=sys.stderr)

@@ -141,9 +141,29 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
     def write(handle) -> None:
         for k, piece in enumerate(pieces):
-            leaf = leaves[int(piece)] if k % 2 else None
-            handle.write((piece if leaf is None else json.dumps(leaf, default=_jsonable, allow_nan=True)).encode())
+            for text in (json_leaf(leaves[int(piece)]) if k % 2 else [piece]):
+                handle.write(text.encode())
     atomic_write_bytes(path, write)
+
+
+JSON_BLOCK = 1 << 16        # an array leaf's rows that are Python numbers (and text) at once
+
+
+def json_leaf(leaf: Any):
+    """The JSON text of one numeric leaf, in pieces: an array EXACTLY as json.dumps(leaf.tolist())
+    writes it, JSON_BLOCK rows at a time (the list of a million Python floats costs 32 MB, the
+    array 8 MB), so that a huge per-replica column never exists as Python numbers whole."""
+    if not isinstance(leaf, np.ndarray):
+        yield json.dumps(leaf, default=_jsonable, allow_nan=True)
+        return
+    if len(leaf) == 0:
+        yield "[]"
+        return
+    yield "["
+    for start in range(0, len(leaf), JSON_BLOCK):
+        text = json.dumps(leaf[start:start + JSON_BLOCK].tolist(), allow_nan=True)
+        yield (", " if start else "") + text[1:-1]       # the block's items, without its brackets
+    yield "]"
 
 
 _NUMBERS = (bool, int, float, np.generic, type(None))
@@ -163,8 +183,8 @@ def json_skeleton(data: Mapping[str, Any]) -> tuple[Any, list, str]:
         return f"{marker}{len(leaves) - 1}"
 
     def skeleton(value: Any) -> Any:
-        if isinstance(value, (np.ndarray, Tensor)) and value.ndim > 0:
-            return leaf(_jsonable(value))
+        if isinstance(value, (np.ndarray, Tensor)) and value.ndim > 0:   # written in blocks (json_leaf)
+            return leaf(value.detach().cpu().numpy() if isinstance(value, Tensor) else value)
         if isinstance(value, (np.ndarray, Tensor)):
             value = _jsonable(value)
         if isinstance(value, Mapping):

@@ -31,6 +31,9 @@ from .sharpness import observed_sharpness
 
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
 FLUSH_ELEMENTS = 1 << 22      # pending snapshot entries (×8 bytes) before observing them
+OBSERVE_REPLICAS = 1 << 16    # replicas observed in one batch (a multiple of ALIGN: observed_batches), so
+                              # that its temporaries (~1 KB a replica) do not grow with the row's B
+ALIGN = 64                    # ≥ 2 SIMD vectors of torch's widest (AVX-512: 16 float64, 32 float32)
 PRODUCT_ENTRIES = 64          # run.save_product=auto keeps W when it has at most this many entries
 FACTORS_WARN_BYTES = 1 << 30  # run.save_factors=true warns past this size of the saved factors
 
@@ -72,6 +75,31 @@ def warn_if_large(factors: Sequence[torch.Tensor], rows: int) -> None:
         warnings.warn(f"run.save_factors=true keeps {readable_size(size)} of factors ({rows} logged times "
                       f"× {factors[0].shape[0]} replicas) in memory and in trajectory.npz; lower "
                       "run.log_points or replicas if that is too much.", stacklevel=2)
+
+
+def observed_batches(K: int, B: int, size: int) -> list[list[tuple[int, int, int]]]:
+    """The K·B replicas of K snapshots (snapshot after snapshot) in consecutive runs of `size`,
+    each as its pieces (k, start, stop) of snapshot k's replicas. Consecutive runs of a multiple
+    of ALIGN = 64, because torch's elementwise loops take 2 SIMD vectors a step and the rest one number at
+    a time (pow, hypot, … round differently there): runs that start on a multiple of it split each
+    loop exactly where the whole K·B would, so that every replica gets the bits it gets observed
+    with all of them at once."""
+    if size <= 0 or size % ALIGN:
+        raise ValueError(f"size={size} is not allowed: observed batches must be a positive multiple of {ALIGN}.")
+    batches = []
+    for first in range(0, K * B, size):
+        pieces, i, last = [], first, min(first + size, K * B)
+        while i < last:
+            k, b = divmod(i, B)
+            pieces.append((k, b, min(B, b + last - i)))
+            i += pieces[-1][2] - b
+        batches.append(pieces)
+    return batches
+
+
+def gather(parts: Sequence[torch.Tensor], batch: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The replicas of one batch (observed_batches) from per-snapshot tensors `parts`."""
+    return torch.cat([parts[k][b:e] for k, b, e in batch])
 
 
 class Recorder:
@@ -133,32 +161,58 @@ class Recorder:
         return None if last is None else int(last["step"])
 
     def rows(self, snapshots: list[tuple]) -> list[dict[str, np.ndarray]]:
-        """The logged rows of snapshots, observed as one batch of K·B replicas."""
+        """The logged rows of snapshots, their K·B replicas observed OBSERVE_REPLICAS at a time
+        (many small snapshots in one batch, a huge one in blocks of replicas): the observables
+        are per replica, and the blocks aligned (observed_batches), so they change no bit, and
+        the temporaries stay a block's size."""
         steps, times, factors, extras, diverged = zip(*snapshots)
         K, B = len(snapshots), diverged[0].shape[0]
-        dead = torch.cat(diverged)
-        stacked = [torch.cat(parts) for parts in zip(*factors)]
-        obs = observe(stacked, self.task, [g.repeat(K, 1, 1) for g in self.state.G0], self.run.rank_tol,
-                      beta=self.beta, depth=self.dynamics.depth, diverged=dead, sigma_k=self.run.sigma_k,
-                      entries=self.entries)
-        obs.update({k: torch.cat([extra[k] for extra in extras]) for k in extras[0]})
-        W = chain(stacked) if self.save_product or self.stochastic else None
-        if self.stochastic:         # the product's drift ‖W(t) − W(0)‖ (balance, S_N, F_β: observe)
-            obs["product_drift"] = product_drift(W, self.state.W0.repeat(K, 1, 1), dead)
-        if self.sharpness:          # k Hessian-vector products for all K·B replicas at once
-            obs["sharpness"] = observed_sharpness(stacked, self.task, self.sharpness, dead)
-        if self.save_product:       # the raw state: a diverged replica keeps its own values
-            obs["product"] = W
-        if self.run.save_factors:
-            obs.update({f"factor_{p}": f for p, f in enumerate(stacked, start=1)})
-        arrays, dead = to_numpy(obs), dead.cpu().numpy().astype(np.float64)
+        sharpness = None
+        if self.sharpness:          # k Hessian-vector products for all K·B replicas at once (not in
+            # blocks: the Lanczos start vectors are drawn for the whole batch, so depend on its size)
+            sharpness = observed_sharpness([torch.cat(parts) for parts in zip(*factors)], self.task,
+                                           self.sharpness, torch.cat(diverged))
+        arrays: dict[str, np.ndarray] = {}
+        for batch in observed_batches(K, B, OBSERVE_REPLICAS):
+            first = batch[0][0] * B + batch[0][1]          # the batch's place among the K·B replicas
+            count = sum(e - b for _, b, e in batch)
+            observed = self.observe_batch([gather(f, batch) for f in zip(*factors)], gather(diverged, batch),
+                                          {name: gather([x[name] for x in extras], batch) for name in extras[0]},
+                                          [gather([g] * K, batch) for g in self.state.G0],
+                                          gather([self.state.W0] * K, batch) if self.stochastic else None,
+                                          None if sharpness is None else sharpness[first:first + count])
+            for name, values in to_numpy(observed).items():
+                if name not in arrays:
+                    arrays[name] = np.empty((K * B, *values.shape[1:]), np.float64)
+                arrays[name][first:first + count] = values
+            del observed
         rows = []
         for k in range(K):
             row = {name: values[k * B:(k + 1) * B] for name, values in arrays.items()}
-            row["diverged"] = dead[k * B:(k + 1) * B]
             row["step"], row["t"] = np.asarray(steps[k]), np.asarray(times[k])
             rows.append(row)
         return rows
+
+    def observe_batch(self, factors: list[torch.Tensor], dead: torch.Tensor, extras: dict[str, torch.Tensor],
+                      G0: list[torch.Tensor], W0: torch.Tensor | None,
+                      sharpness: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The observables of one batch of replicas (their factors, divergence flags, the dynamics'
+        extras, their G0 and W0, and their sharpness if observed), with the raw state where the
+        run keeps it."""
+        obs = observe(factors, self.task, G0, self.run.rank_tol, beta=self.beta, depth=self.dynamics.depth,
+                      diverged=dead, sigma_k=self.run.sigma_k, entries=self.entries)
+        obs.update(extras)
+        W = chain(factors) if self.save_product or W0 is not None else None
+        if W0 is not None:          # the product's drift ‖W(t) − W(0)‖ (balance, S_N, F_β: observe)
+            obs["product_drift"] = product_drift(W, W0, dead)
+        if sharpness is not None:
+            obs["sharpness"] = sharpness
+        if self.save_product:       # the raw state: a diverged replica keeps its own values
+            obs["product"] = W
+        if self.run.save_factors:
+            obs.update({f"factor_{p}": f for p, f in enumerate(factors, start=1)})
+        obs["diverged"] = dead
+        return obs
 
     def flush(self, to_disk: bool = False) -> None:
         """Observe the pending snapshots; append their rows to the trajectory and TensorBoard.

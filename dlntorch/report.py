@@ -31,9 +31,10 @@ def summarise(cfg: DictConfig, state: Any, final: Mapping[str, np.ndarray], *, o
     `stochastic`: Langevin-like dynamics, whose aggregates carry the 95 % band of the mean and
     whose converged level is temperature-aware (converged_level)."""
     s = state
-    # the state (product, factors: analysis reads them from trajectory.npz) stays out of the JSON
-    per_replica = {k: v.tolist() for k, v in final.items() if k not in ("step", "t") and v.ndim <= 2}
-    per_replica["diverged"] = [bool(x) for x in final["diverged"]]
+    # the state (product, factors: analysis reads them from trajectory.npz) stays out of the JSON;
+    # the per-replica values stay arrays (8 bytes a number, not a Python float's 32) until written
+    per_replica = {k: v for k, v in final.items() if k not in ("step", "t") and v.ndim <= 2}
+    per_replica["diverged"] = final["diverged"] != 0
     live = final["diverged"] == 0
     level = converged_level(cfg, (widths[-1], widths[0]), stochastic)
     converged = live & (final["energy"] < level)
@@ -87,14 +88,19 @@ def converged_level(cfg: DictConfig, shape: tuple[int, int], stochastic: bool) -
 EVENT_BLOCK = 1 << 16       # replicas whose time series summarise_events holds at once
 
 
-def trajectory_events(trajectory: Any, energy_level: float) -> dict[str, list]:
+EVENT_NUMBERS = ("convergence_time", "rank_jump_count")   # one number per replica: kept as arrays
+
+
+def trajectory_events(trajectory: Any, energy_level: float) -> dict[str, Any]:
     """summarise_events over the whole trajectory, EVENT_BLOCK replicas at a time (read from the
-    row files), so that its memory does not grow with T × B."""
+    row files), so that its memory does not grow with T × B; the one-number-per-replica events
+    as arrays (the rank jumps, a list per replica, as lists)."""
     names = [n for n in ("energy", "singular_values") if n in trajectory.columns]
     t, replicas = trajectory.array("t"), trajectory.last["energy"].shape[0]
     parts = [summarise_events({"t": t, **{n: trajectory.replicas(n, slice(b, b + EVENT_BLOCK)) for n in names}},
                               energy_level) for b in range(0, replicas, EVENT_BLOCK)]
-    return {key: [x for part in parts for x in part[key]] for key in parts[0]}
+    return {key: np.concatenate([np.asarray(part[key]) for part in parts]) if key in EVENT_NUMBERS
+            else [x for part in parts for x in part[key]] for key in parts[0]}
 
 
 def stopped_by(cfg: DictConfig, state: Any, live: np.ndarray, total_steps: int) -> str:
