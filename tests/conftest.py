@@ -49,3 +49,22 @@ def killed_and_resumed(make_cfg, monkeypatch):
         assert 0 < saved["step"] <= after + 100       # it really resumes mid-run, from a checkpoint
         return whole, run(make_cfg(*common, "resume=true", out="split"))
     return go
+
+
+@pytest.fixture
+def started_until_checkpoint():
+    """started_until_checkpoint(command, out, env=None, cwd=None) → the running process of a
+    `python -m dlntorch` command, returned once its first checkpoint is on disk (within 120 s)."""
+    import subprocess
+    import time
+
+    def start(command: list[str], out, env=None, cwd=None) -> subprocess.Popen:
+        job = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists():
+            if job.poll() is not None or time.monotonic() > deadline:
+                job.kill()
+                raise AssertionError(f"no checkpoint: {job.stderr.read().decode()}")
+            time.sleep(0.002)
+        return job
+    return start

@@ -72,16 +72,12 @@ KILLED = ["replicas=4", "run.steps=40000", "run.log_points=20", "run.stop_energy
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamics", [["optim=gd"], ["optim=langevin", "optim.beta=1e3"]],
                          ids=["gd", "langevin"])
-def test_a_run_killed_midway_resumes_to_the_uninterrupted_result(tmp_path, make_cfg, dynamics):
+def test_a_run_killed_midway_resumes_to_the_uninterrupted_result(tmp_path, make_cfg, dynamics,
+                                                                started_until_checkpoint):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "dlntorch", f"hydra.run.dir={out}", *KILLED, *dynamics]
-    job = subprocess.Popen(command, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    job = started_until_checkpoint(command, out, env=ENV, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint.pt").exists():
-            assert job.poll() is None, job.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
         # let events past the checkpoint reach the disk, so the resumed run has some to purge
         events = sorted((out / "tb").glob("events.out.tfevents.*"))[0]
         size = events.stat().st_size

@@ -110,17 +110,13 @@ KILLED = ["replicas=4", "run.steps=40000", "run.log_points=400", "run.stop_energ
 
 
 @pytest.mark.slow
-def test_a_sigkilled_run_leaves_a_trajectory_that_reads_back_to_its_last_checkpoint(tmp_path, make_cfg):
+def test_a_sigkilled_run_leaves_a_trajectory_that_reads_back_to_its_last_checkpoint(
+        tmp_path, make_cfg, started_until_checkpoint):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "dlntorch", f"hydra.run.dir={out}", *KILLED]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    job = started_until_checkpoint(command, out, env=env, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint.pt").exists():
-            assert job.poll() is None, job.stderr.read().decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
         rows_file = out / "trajectory" / "energy.rows"
         logged = rows_file.stat().st_size
         while rows_file.stat().st_size < logged + 4 * 8 * 5 and job.poll() is None:
