@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy
 
-from .logger import atomic_write_bytes, write_npz
+from .logger import atomic_write_bytes, npz_member, write_npz
 
 MANIFEST = "manifest.json"      # names, dtypes and row shapes, in the rows' order
 CHUNK_BYTES = 1 << 24           # what one read of a row file holds in memory while assembling
@@ -164,13 +164,16 @@ class Trajectory:
         atomic_write_bytes(path, self._write_npz)
 
     def _write_npz(self, handle) -> None:
-        # as logger.write_npz (deflate level 1), each member streamed from its row file
+        # as logger.write_npz (deflated where that pays), each member streamed from its row file
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
             for name, (dtype, shape) in self.columns.items():
                 header = {"descr": npy.dtype_to_descr(dtype), "fortran_order": False,
                           "shape": (self.count, *shape)}
                 left = self.count * self._row_bytes(name)
-                with archive.open(f"{name}.npy", "w", force_zip64=True) as member, \
+                rows_so_far = np.memmap(self._path(name), dtype=dtype, mode="r", shape=(self.count, *shape))
+                entry = npz_member(name, rows_so_far)      # judged from 8 pieces of the row file
+                del rows_so_far
+                with archive.open(entry, "w", force_zip64=True) as member, \
                         open(self._path(name), "rb") as rows:
                     npy.write_array_header_2_0(member, header)
                     while left > 0:

@@ -775,7 +775,7 @@ def logging_overhead(case: list[str], label: str, B: int, steps: int, repeats: i
             walls[grid].append(wall)
             seen = {LOGGING_PHASES[k]: v for k, v in watch.seconds.items() if k in LOGGING_PHASES}
             parts[grid] = {k: min(v, parts[grid].get(k, math.inf)) for k, v in seen.items()}
-            points[grid] = len(lab.state.trajectory.rows)
+            points[grid] = len(lab.state.trajectory)
     t_default, t_two = min(walls["default"]), min(walls["two"])
     overhead = t_default / t_two - 1
     n = points["default"]
@@ -949,7 +949,8 @@ def section_streaming(quick: bool) -> dict:
     base = probes[(small, short)]
     per = (p2["peak_kib"] - p1["peak_kib"]) * 1024 / (large - mid)
     fixed = p1["peak_kib"] * 1024 - per * mid
-    largest = int((budget - fixed) / per)
+    # --quick's sizes can be too close for the RSS to resolve a slope: then no largest B is claimed
+    largest = int((budget - fixed) / per) if per > 0 else math.nan
     row("8 streaming", "peak RSS per replica, whole default run", per, "B",
         note=f"slope between B={mid} and B={large} ({p1['rows']} logged rows); fixed {fixed / 2 ** 20:.0f} MiB")
     row("8 streaming", f"peak RSS, {long['rows']} logged rows / {base['rows']} (B={small})",
@@ -957,7 +958,9 @@ def section_streaming(quick: bool) -> dict:
         note=f"{long['peak_kib'] / 1024:.0f} MiB vs {base['peak_kib'] / 1024:.0f} MiB: rows are streamed; what "
              "grows is the recorder's batched observe (up to FLUSH_ELEMENTS snapshot entries at once)")
     row("8 streaming", f"largest B of a whole default run in {ARGS.memory_budget_gb:g} GiB", largest, "replicas",
-        "≥ 5e6", largest >= 5e6, note="from the slope; the logged rows' count does not enter")
+        "≥ 5e6", largest >= 5e6 if per > 0 else None,
+        note="from the slope; the logged rows' count does not enter" if per > 0 else
+             f"no slope resolved between B={mid} and B={large} (use the full sizes)")
     out = {"per_replica_bytes": per, "fixed_bytes": fixed, "largest_B": largest,
            "probes": {f"B={B} steps={steps}": p for (B, steps), p in probes.items()}}
     row("8 streaming", f"peak RSS, whole default run at B={large:.0e}", p2["peak_kib"] / 2 ** 20, "GiB",

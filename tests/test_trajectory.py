@@ -54,6 +54,32 @@ def test_rows_stream_to_files_and_assemble_into_the_npz(tmp_path):
                                   expected(7)["singular_values"][:, 1:4])
 
 
+def test_the_streamed_npz_deflates_by_the_same_rule_as_the_whole_one(tmp_path):
+    """Assembled from row files or written whole, each member is deflated exactly where
+    logger.deflates says it pays: a column of noise is stored, a constant flag deflated."""
+    import zipfile
+
+    from dlntorch.logger import deflates, write_npz
+    rng = np.random.default_rng(0)
+    rows = [{"noise": rng.random(4096), "flag": np.zeros(4096)} for _ in range(20)]
+    streamed = Trajectory(tmp_path / "trajectory")
+    for r in rows:
+        streamed.append(r)
+    streamed.save(tmp_path / "streamed.npz")
+    whole = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    with open(tmp_path / "whole.npz", "wb") as handle:
+        write_npz(handle, whole)
+    kinds = {}
+    for name in ("streamed", "whole"):
+        with zipfile.ZipFile(tmp_path / f"{name}.npz") as archive:
+            kinds[name] = {i.filename: i.compress_type for i in archive.infolist()}
+    assert kinds["streamed"] == kinds["whole"] == {
+        "noise.npy": zipfile.ZIP_STORED, "flag.npy": zipfile.ZIP_DEFLATED}
+    assert not deflates(whole["noise"]) and deflates(whole["flag"])
+    with np.load(tmp_path / "streamed.npz") as data:
+        assert_arrays_equal({k: data[k] for k in data.files}, whole)
+
+
 def test_restore_cuts_the_files_back_to_the_checkpoints_rows(tmp_path):
     """A crash after the checkpoint at row 4: rows past it and a partial row in the files; the
     resumed trajectory continues from row 4 and ends as an uninterrupted one."""
