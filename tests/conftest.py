@@ -52,19 +52,31 @@ def killed_and_resumed(make_cfg, monkeypatch):
 
 
 @pytest.fixture
-def started_until_checkpoint():
-    """started_until_checkpoint(command, out, env=None, cwd=None) → the running process of a
-    `python -m dlntorch` command, returned once its first checkpoint is on disk (within 120 s)."""
+def killed_past_checkpoint():
+    """killed_past_checkpoint(command, out, watched, growth, env=None, cwd=None): run a
+    `python -m dlntorch` command until its first checkpoint is on disk (within 120 s), then until
+    the file `watched()` names has grown by `growth` bytes past that moment (output written after
+    the checkpoint), then SIGKILL it; asserts it had not finished by then."""
+    import signal
     import subprocess
     import time
 
-    def start(command: list[str], out, env=None, cwd=None) -> subprocess.Popen:
+    def kill(command: list[str], out, watched, growth: int, env=None, cwd=None) -> None:
         job = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint.pt").exists():
-            if job.poll() is not None or time.monotonic() > deadline:
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / "checkpoint.pt").exists():
+                assert job.poll() is None and time.monotonic() < deadline, job.stderr.read().decode()
+                time.sleep(0.002)
+            path = watched()
+            size = path.stat().st_size
+            while path.stat().st_size < size + growth and job.poll() is None:
+                time.sleep(0.002)
+            job.send_signal(signal.SIGKILL)
+            job.wait()
+        finally:
+            if job.poll() is None:
                 job.kill()
-                raise AssertionError(f"no checkpoint: {job.stderr.read().decode()}")
-            time.sleep(0.002)
-        return job
-    return start
+                job.wait()
+        assert not (out / "summary.json").exists(), "the run finished before it could be killed: make it longer"
+    return kill

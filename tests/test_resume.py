@@ -6,10 +6,8 @@ import collections
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -73,23 +71,12 @@ KILLED = ["replicas=4", "run.steps=40000", "run.log_points=20", "run.stop_energy
 @pytest.mark.parametrize("dynamics", [["optim=gd"], ["optim=langevin", "optim.beta=1e3"]],
                          ids=["gd", "langevin"])
 def test_a_run_killed_midway_resumes_to_the_uninterrupted_result(tmp_path, make_cfg, dynamics,
-                                                                started_until_checkpoint):
+                                                                killed_past_checkpoint):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "dlntorch", f"hydra.run.dir={out}", *KILLED, *dynamics]
-    job = started_until_checkpoint(command, out, env=ENV, cwd=tmp_path)
-    try:
-        # let events past the checkpoint reach the disk, so the resumed run has some to purge
-        events = sorted((out / "tb").glob("events.out.tfevents.*"))[0]
-        size = events.stat().st_size
-        while events.stat().st_size < size + 20_000 and job.poll() is None:
-            time.sleep(0.002)
-        job.send_signal(signal.SIGKILL)
-        job.wait()
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    assert not (out / "summary.json").exists(), "the run finished before it could be killed: make it longer"
+    # killed once events past the checkpoint have reached the disk, so the resumed run has some to purge
+    killed_past_checkpoint(command, out, lambda: sorted((out / "tb").glob("events.out.tfevents.*"))[0], 20_000,
+                           ENV, tmp_path)
     step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     assert 0 < step < 40000
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -137,23 +135,12 @@ KILLED = ["replicas=4", "run.steps=40000", "run.log_points=400", "run.stop_energ
 
 @pytest.mark.slow
 def test_a_sigkilled_run_leaves_a_trajectory_that_reads_back_to_its_last_checkpoint(
-        tmp_path, make_cfg, started_until_checkpoint):
+        tmp_path, make_cfg, killed_past_checkpoint):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "dlntorch", f"hydra.run.dir={out}", *KILLED]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = started_until_checkpoint(command, out, env=env, cwd=tmp_path)
-    try:
-        rows_file = out / "trajectory" / "energy.rows"
-        logged = rows_file.stat().st_size
-        while rows_file.stat().st_size < logged + 4 * 8 * 5 and job.poll() is None:
-            time.sleep(0.002)          # a few rows past the checkpoint reach the file
-        job.send_signal(signal.SIGKILL)
-        job.wait()
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-    assert not (out / "summary.json").exists(), "the run finished before it could be killed: make it longer"
+    # killed once a few rows past the checkpoint have reached the energy's row file
+    killed_past_checkpoint(command, out, lambda: out / "trajectory" / "energy.rows", 4 * 8 * 5, env, tmp_path)
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
     rows = saved["trajectory_rows"]
     assert 0 < saved["step"] < 40000 and rows > 0
