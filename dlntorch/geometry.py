@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .network import balancedness_of, chain
+from .tiny import axis_sum
 
 Depth = int | float  # a positive int, or math.inf
 
@@ -153,15 +154,15 @@ def entropy_singular_gradient(s: Tensor, N: Depth) -> Tensor:
 # --------------------------------------------------------------------------- the metric operator
 
 
-def _drop_noise(s: Tensor, W: Tensor, rtol: float | None) -> Tensor:
-    """Singular values s of W (descending) with those below rtol·s_max set to exactly 0.
+def _drop_noise(s: Tensor, shape: Sequence[int], rtol: float | None) -> Tensor:
+    """Singular values s (descending) of W of `shape` (…, m, n) with those below rtol·s_max set to exactly 0.
 
     Below the default rtol = max(m, n)·eps (the usual numerical-rank cut) a singular value is
     rounding noise of a backward-stable SVD, and s^{2/N} would amplify that noise
     (1e-16 ↦ 2e-11 at N = 3); every function of s^{1/N} here cuts it the same way.
     """
     if rtol is None:
-        rtol = max(W.shape[-2:]) * torch.finfo(W.dtype).eps
+        rtol = max(shape[-2:]) * torch.finfo(s.dtype).eps
     return torch.where(s > rtol * s[..., :1], s, torch.zeros_like(s))
 
 
@@ -169,7 +170,7 @@ def _padded_spectrum(W: Tensor, rtol: float | None) -> tuple[Tensor, Tensor, Ten
     """Full SVD W = U diag(s) V^T with s zero-padded to the row count and to the column count."""
     m, n = W.shape[-2:]
     U, s, Vh = torch.linalg.svd(W, full_matrices=True)
-    s = _drop_noise(s, W, rtol)
+    s = _drop_noise(s, W.shape, rtol)
     rows = torch.nn.functional.pad(s, (0, m - s.shape[-1]))
     cols = torch.nn.functional.pad(s, (0, n - s.shape[-1]))
     return U, rows, cols, Vh.mT
@@ -271,10 +272,10 @@ def entropy(W: Tensor, N: Depth, rtol: float | None = None, singular_values: Ten
     if is_infinite_depth(N):
         raise ValueError("entropy S_N needs a finite depth N: (N−1) log c_d diverges as N → ∞")
     N = as_depth(N)
-    s = _drop_noise(torch.linalg.svdvals(W) if singular_values is None else singular_values, W, rtol)
+    s = _drop_noise(torch.linalg.svdvals(W) if singular_values is None else singular_values, W.shape, rtol)
     i, j = torch.triu_indices(d, d, offset=1, device=W.device)
     pairs = f_N(s[..., i], s[..., j], N)
-    return (N - 1) * log_orbit_volume(d) + 0.5 * torch.log(pairs).sum(-1)
+    return (N - 1) * log_orbit_volume(d) + 0.5 * axis_sum(torch.log(pairs))
 
 
 def free_energy(W: Tensor, energy: Tensor | Callable[[Tensor], Tensor], beta, N: Depth) -> Tensor:
@@ -296,10 +297,11 @@ def balance_gap(factors: Sequence[Tensor], rtol: float | None = None,
     `singular_values` of the product, when the caller has them, save an SVD.
     """
     N = len(factors)
-    W = chain(factors)
-    s = _drop_noise(torch.linalg.svdvals(W) if singular_values is None else singular_values, W, rtol)
-    norms = sum(factor.square().sum(dim=(-2, -1)) for factor in factors)
-    return norms - N * s.pow(2.0 / N).sum(-1)
+    shape = (*factors[0].shape[:-2], factors[-1].shape[-2], factors[0].shape[-1])    # W's
+    s = torch.linalg.svdvals(chain(factors)) if singular_values is None else singular_values
+    s = _drop_noise(s, shape, rtol)
+    norms = sum(axis_sum(factor.square().flatten(-2)) for factor in factors)
+    return norms - N * axis_sum(s.pow(2.0 / N))
 
 
 def exp_pair(A: Tensor) -> tuple[Tensor, Tensor]:

@@ -101,7 +101,7 @@ def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
 
     from numpy.lib import format as npy
 
-    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+    with zipfile.ZipFile(handle, "w") as archive:     # each member's kind and level: npz_member
         for name, array in arrays.items():
             array = np.asanyarray(array)
             with archive.open(npz_member(name, array), "w", force_zip64=True) as out:
@@ -116,11 +116,15 @@ def npz_member(name: str, array: np.ndarray):
 
     member = zipfile.ZipInfo(f"{name}.npy", date_time=time.localtime()[:6])
     member.compress_type = zipfile.ZIP_DEFLATED if deflates(array) else zipfile.ZIP_STORED
+    # a ZipInfo handed to ZipFile.open keeps its own level, whatever the archive's compresslevel:
+    # without this, zlib's default 6 (a B = 4096 run's energy: 0.3 s instead of 0.07 s)
+    compat.set_compress_level(member, DEFLATE_LEVEL)
     member.external_attr = 0o644 << 16
     return member
 
 
 DEFLATE_SAMPLE = 1 << 10     # elements in each of the 8 pieces of an array that `deflates` tries
+DEFLATE_LEVEL = 1            # zlib's fastest: ~5x level 6's speed on these arrays, within ~10 % of its size
 
 
 def deflates(array: np.ndarray, ratio: float = 0.5) -> bool:
@@ -135,7 +139,7 @@ def deflates(array: np.ndarray, ratio: float = 0.5) -> bool:
         return True
     starts = np.linspace(0, flat.size - DEFLATE_SAMPLE, 8).astype(np.int64)
     sample = np.concatenate([flat[s:s + DEFLATE_SAMPLE] for s in starts]).tobytes()
-    return len(zlib.compress(sample, 1)) <= ratio * len(sample)
+    return len(zlib.compress(sample, DEFLATE_LEVEL)) <= ratio * len(sample)
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .geometry import balance_gap, entropy
-from .network import balancedness_of, chain
+from .network import chain_and_balancedness
 from .tasks import Task
+from .tiny import axis_sum, root_sum_squares
 
 
 def singular_values(W: Tensor) -> Tensor:
@@ -53,21 +54,21 @@ def effective_rank(s: Tensor) -> Tensor:
     """Roy & Vetterli (2007): exp(−Σ p_i log p_i), p_i = s_i/Σ_j s_j, with 0 log 0 = 0.
 
     The zero matrix has no distribution p; we report 0 for it (its rank)."""
-    total = s.sum(-1, keepdim=True)
-    p = s / total.clamp_min(torch.finfo(s.dtype).tiny)
+    total = axis_sum(s)
+    p = s / total.clamp_min(torch.finfo(s.dtype).tiny)[..., None]
     plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(s.dtype).tiny)), torch.zeros_like(p))
-    return torch.where(total.squeeze(-1) > 0, torch.exp(-plogp.sum(-1)), torch.zeros_like(total.squeeze(-1)))
+    return torch.where(total > 0, torch.exp(-axis_sum(plogp)), torch.zeros_like(total))
 
 
 def stable_rank(s: Tensor) -> Tensor:
     """‖W‖_F² / ‖W‖_2² (0 for the zero matrix)."""
     top = s[..., 0] ** 2
-    return torch.where(top > 0, (s ** 2).sum(-1) / top.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(top))
+    return torch.where(top > 0, axis_sum(s ** 2) / top.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(top))
 
 
 def numerical_rank(s: Tensor, tol: float) -> Tensor:
     """#{i : s_i > tol · s_1} (s sorted descending, as svdvals returns it)."""
-    return (s > tol * s[..., :1]).sum(-1).to(s.dtype) * (s[..., 0] > 0)
+    return axis_sum(s > tol * s[..., :1]).to(s.dtype) * (s[..., 0] > 0)
 
 
 def frobenius(x: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ def frobenius(x: Tensor) -> Tensor:
 
 def total_norm(parts: Sequence[Tensor]) -> Tensor:
     """(Σ_p ‖x_p‖_F²)^{1/2} per replica."""
-    return torch.stack([frobenius(x) for x in parts]).norm(dim=0)
+    return root_sum_squares([frobenius(x) for x in parts])
 
 
 def entry_name(i: int, j: int) -> str:
@@ -104,11 +105,12 @@ def entries_of(W: Tensor, entries: Sequence[Sequence[int]]) -> dict[str, Tensor]
 def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_tol: float,
             beta: float | None = None, depth: int | None = None,
             diverged: Tensor | None = None, sigma_k: int = 0,
-            entries: Sequence[Sequence[int]] = ()) -> dict[str, Tensor]:
+            entries: Sequence[Sequence[int]] = (), keep_product: bool = False) -> dict[str, Tensor]:
     """Every observable of the current state. Scalars per replica are (B,); `singular_values`
     is (B, k), and its first `sigma_k` columns are also the scalars sigma_1, sigma_2, … (so that
     TensorBoard and the summary's aggregates carry them). `entries` ([i, j], 1-based) adds the
     scalars w_ij. `depth` is the N of the entropy S_N when `factors` is just [W] (downstairs flows).
+    `keep_product`: the raw product W_N ⋯ W_1 too, as `product` (B, m, n).
 
     Diverged (non-finite) replicas report their raw energy and factor norms and NaN for the rest:
     they are computed on zeros instead, since LAPACK refuses non-finite input."""
@@ -117,20 +119,20 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
     bad = ~torch.stack([torch.isfinite(f).flatten(1).all(1) for f in raw]).all(0)
     if diverged is not None:
         bad = bad | diverged
-    product = chain(raw)
+    product, G = chain_and_balancedness(raw)
     energy = task.energy(product)      # the raw one: a diverged replica shows its own
     masked = bool(bad.any())           # one host sync: the masks cost as much as the observables
-    if masked:
-        factors = [torch.where(bad.view(B, 1, 1), torch.zeros_like(f), f) for f in raw]
-        W = torch.where(bad.view(B, 1, 1), torch.zeros_like(product), product)   # = chain(factors)
+    if masked:                         # zero factors there, so W = 0 and G = 0 exactly
+        def zero(x: Tensor) -> Tensor:
+            return torch.where(bad.view(B, 1, 1), torch.zeros_like(x), x)
+        factors, W, G = [zero(f) for f in raw], zero(product), [zero(g) for g in G]
     else:
         factors, W = raw, product
     s = singular_values(W)
     out: dict[str, Tensor] = {}
     if len(factors) > 1:
-        G = balancedness_of(factors)
         junctions = {f"balancedness_{p}": frobenius(g) for p, g in enumerate(G, start=1)}
-        out["balancedness"] = torch.stack(list(junctions.values())).norm(dim=0)   # = total_norm(G)
+        out["balancedness"] = root_sum_squares(list(junctions.values()))   # = total_norm(G)
         out["balancedness_drift"] = total_norm([g - g0 for g, g0 in zip(G, G0)])
         out.update(junctions)
         out["balance_gap"] = balance_gap(factors, singular_values=s)
@@ -158,6 +160,8 @@ def observe(factors: Sequence[Tensor], task: Task, G0: Sequence[Tensor], rank_to
     for p, f in enumerate(raw, start=1):
         out[f"factor_norm_{p}"] = frobenius(f)
     out["singular_values"] = s
+    if keep_product:
+        out["product"] = product
     return out
 
 

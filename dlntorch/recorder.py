@@ -26,7 +26,6 @@ from .errors import ConfigError
 from .hooks import Hooks
 from .logger import TensorBoardLog, histogram_steps, to_numpy
 from .metrics import check_entries, observe, product_drift
-from .network import chain
 from .sharpness import observed_sharpness
 
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
@@ -199,10 +198,11 @@ class Recorder:
         """The observables of one batch of replicas (their factors, divergence flags, the dynamics'
         extras, their G0 and W0, and their sharpness if observed), with the raw state where the
         run keeps it."""
+        keep = self.save_product or W0 is not None
         obs = observe(factors, self.task, G0, self.run.rank_tol, beta=self.beta, depth=self.dynamics.depth,
-                      diverged=dead, sigma_k=self.run.sigma_k, entries=self.entries)
+                      diverged=dead, sigma_k=self.run.sigma_k, entries=self.entries, keep_product=keep)
+        W = obs.pop("product") if keep else None
         obs.update(extras)
-        W = chain(factors) if self.save_product or W0 is not None else None
         if W0 is not None:          # the product's drift ‖W(t) − W(0)‖ (balance, S_N, F_β: observe)
             obs["product_drift"] = product_drift(W, W0, dead)
         if sharpness is not None:

@@ -17,6 +17,7 @@ from .arrays import load_completion_file, load_sensing_file
 from .errors import at_least, fail
 from .geometry import haar_semi_orthogonal
 from .registry import Registry
+from .tiny import axis_sum
 
 # name → Option(build = (cfg.task, generator) -> Task, check = check(cfg)); see build_task
 TASKS = Registry("task.name")
@@ -70,7 +71,7 @@ class Task:
         `label_noise` ε (from `label_noise`) shifts the targets y → y + ε."""
         r = self.residual(W) if label_noise is None else self.residual(W) - label_noise
         sq = r * r if weights is None else weights * r * r
-        return self.coefficient * sq.flatten(1).sum(1)
+        return self.coefficient * axis_sum(sq.flatten(1))
 
     def gradient(self, W: Tensor, weights: Tensor | None = None, label_noise: Tensor | None = None) -> Tensor:
         """∇E(W) = 2c 𝒜*(r), (B, m, n), in closed form (weights and label noise as in `energy`)."""

@@ -165,7 +165,7 @@ class Trajectory:
 
     def _write_npz(self, handle) -> None:
         # as logger.write_npz (deflated where that pays), each member streamed from its row file
-        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with zipfile.ZipFile(handle, "w") as archive:     # each member's kind and level: npz_member
             for name, (dtype, shape) in self.columns.items():
                 header = {"descr": npy.dtype_to_descr(dtype), "fortran_order": False,
                           "shape": (self.count, *shape)}

@@ -57,6 +57,26 @@ def test_hparams_are_the_core_keys_and_the_swept_ones():
     assert shown["model.widths"] == "None" and shown["optim.beta"] == 1e4   # TensorBoard takes no None
 
 
+def deflated_sizes(path) -> dict[str, int]:
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        return {i.filename: i.compress_size for i in archive.infolist() if i.compress_type == zipfile.ZIP_DEFLATED}
+
+
+def level_one_sizes(path) -> dict[str, int]:
+    """What raw deflate at level 1 (the level logger.npz_member asks for) makes of each deflated
+    member's bytes: zlib is deterministic, so a member written at another level differs in size."""
+    import zipfile
+    import zlib
+    sizes = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type == zipfile.ZIP_DEFLATED:
+                packer = zlib.compressobj(1, zlib.DEFLATED, -15)
+                sizes[info.filename] = len(packer.compress(archive.read(info)) + packer.flush())
+    return sizes
+
+
 def test_npz_deflates_only_what_shrinks_and_round_trips(tmp_path):
     """Noise (float64 observables) is stored, flags and ranks are deflated: both read back exactly."""
     import zipfile
@@ -69,6 +89,7 @@ def test_npz_deflates_only_what_shrinks_and_round_trips(tmp_path):
         kinds = {info.filename: info.compress_type for info in archive.infolist()}
     assert kinds == {"energy.npy": zipfile.ZIP_STORED, "diverged.npy": zipfile.ZIP_DEFLATED,
                      "numerical_rank.npy": zipfile.ZIP_DEFLATED}
+    assert deflated_sizes(tmp_path / "b.npz") == level_one_sizes(tmp_path / "b.npz")
     with np.load(tmp_path / "b.npz") as loaded:
         for key, value in arrays.items():
             np.testing.assert_array_equal(loaded[key], value)

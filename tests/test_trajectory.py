@@ -58,6 +58,7 @@ def test_the_streamed_npz_deflates_by_the_same_rule_as_the_whole_one(tmp_path):
     import zipfile
 
     from dlntorch.logger import deflates, write_npz
+    from tests.test_logger import deflated_sizes, level_one_sizes
     rng = np.random.default_rng(0)
     rows = [{"noise": rng.random(4096), "flag": np.zeros(4096)} for _ in range(20)]
     streamed = Trajectory(tmp_path / "trajectory")
@@ -74,6 +75,7 @@ def test_the_streamed_npz_deflates_by_the_same_rule_as_the_whole_one(tmp_path):
     assert kinds["streamed"] == kinds["whole"] == {
         "noise.npy": zipfile.ZIP_STORED, "flag.npy": zipfile.ZIP_DEFLATED}
     assert not deflates(whole["noise"]) and deflates(whole["flag"])
+    assert deflated_sizes(tmp_path / "streamed.npz") == level_one_sizes(tmp_path / "streamed.npz")  # level 1
     with np.load(tmp_path / "streamed.npz") as data:
         assert_arrays_equal({k: data[k] for k in data.files}, whole)
 

@@ -3,7 +3,7 @@
 batch:  the parameters themselves, (B, d_out, d_in); mm = bmm into a buffer.
 planes: a copy with the replica axis last and contiguous, (d_out, d_in, B); C = A B as
         C = Σ_k A[:, k] ⊗ B[k, :], elementwise over B (d ops, each vectorised over d²B) —
-        faster than B tiny matmuls for small widths and many replicas.
+        faster than B tiny matmuls for small widths and many replicas (dlntorch.tiny).
 The update kernels (dlntorch.optim) and the chain rule (network.factor_gradients) run on
 either: they are given the layout's `mm` and `T`, and its `view` of tensors drawn in the
 parameters' shape. `mm(a, b)` without `out` is the same product out of place (run.compile).
@@ -13,14 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-PLANES_MAX_WIDTH = 6        # planes pay off when every width is ≤ this …
-PLANES_MIN_REPLICAS = 512   # … and there are at least this many replicas (crossovers measured on a CPU)
-
-
-def planes_pay(widths, replicas: int) -> bool:
-    """Whether the planes layout beats batched tiny matmuls (the fast path's and the per-replica
-    flow's choice)."""
-    return max(widths) <= PLANES_MAX_WIDTH and replicas >= PLANES_MIN_REPLICAS
+from ..tiny import planes_mm, planes_T
 
 
 class Workspace:
@@ -72,25 +65,6 @@ def _bmm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
 
 def _batch_T(x: Tensor) -> Tensor:
     return x.mT
-
-
-def planes_mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """C = A B on planes (d_out, d_in, B): Σ_k A[:, k] ⊗ B[k, :], into `out`, or (None) out of
-    place with the same ops, which torch.compile can trace (an in-place chain on a traced input
-    compiled a wrong step in torch 2.13)."""
-    if out is None:
-        out = a[:, 0:1] * b[0:1]
-        for k in range(1, a.shape[1]):
-            out = torch.addcmul(out, a[:, k:k + 1], b[k:k + 1])
-        return out
-    torch.mul(a[:, 0:1], b[0:1], out=out)
-    for k in range(1, a.shape[1]):
-        out.addcmul_(a[:, k:k + 1], b[k:k + 1])
-    return out
-
-
-def planes_T(x: Tensor) -> Tensor:
-    return x.transpose(0, 1)
 
 
 def _same(x: Tensor) -> Tensor:

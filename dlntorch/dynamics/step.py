@@ -13,10 +13,11 @@ from ..budget import total_steps
 from ..network import DeepLinearNetwork, chain, factor_gradients
 from ..optim import OPTIMISERS, build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
 from ..tasks import Reshuffled, Task
+from ..tiny import planes_pay
 from . import compiled
 from .base import Dynamics
 from .graphs import CapturedSteps
-from .layouts import Workspace, planes_pay
+from .layouts import Workspace
 
 
 class StepDynamics(Dynamics):
