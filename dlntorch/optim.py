@@ -73,10 +73,11 @@ def sgd_drift(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, weig
     """`sgd_update_` out of place, the same ops (g + λW, then W − lr·g): what torch.compile traces
     (dynamics/compiled.py). Traced in place (`torch._foreach_add_` on the compiled function's
     inputs), torch 2.13 compiled a wrong step (a relative error of 1e-3 after one step on the
-    planes layout); out of place it matches the eager kernel to rounding."""
+    planes layout); out of place it matches the eager kernel to rounding. `lr` may be a 0-dim
+    tensor (the compiled step's: a float would be a constant compiled in)."""
     if weight_decay:
         grads = [torch.add(g, p, alpha=weight_decay) for p, g in zip(params, grads)]
-    return [torch.add(p, g, alpha=-lr) for p, g in zip(params, grads)]
+    return [p - lr * g for p, g in zip(params, grads)]
 
 
 def langevin_drift(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float, weight_decay: float) -> list[Tensor]:
@@ -84,7 +85,7 @@ def langevin_drift(params: Sequence[Tensor], grads: Sequence[Tensor], lr: float,
     the noise term is added after it, eagerly (it draws from a generator). See `sgd_drift`."""
     if weight_decay:
         params = [p * (1 - lr * weight_decay) for p in params]
-    return [torch.add(p, g, alpha=-lr) for p, g in zip(params, grads)]
+    return [p - lr * g for p, g in zip(params, grads)]
 
 
 def group_rmsprop_update_(params: Sequence[Tensor], grads: Sequence[Tensor], second_moment: Tensor, lr: float,

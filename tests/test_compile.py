@@ -17,6 +17,8 @@ RULES = {
     "gd": ["optim=gd", "optim.lr=0.02", "optim.weight_decay=0.01"],
     "sgd": ["optim=sgd", "optim.lr=0.01", "optim.batch_size=2"],
     "langevin": ["optim=langevin", "optim.lr=0.01", "optim.beta=1e3", "optim.weight_decay=0.01"],
+    # lr moves every step: compiled as a constant, it recompiled each step until dynamo's limit failed the run
+    "gd_cosine": ["optim=gd", "optim.lr=0.02", "optim.schedule=cosine", "run.steps=50"],
 }
 CHUNKS = (1, 2, 7, 40)       # uneven, as the run loop makes them
 
@@ -55,6 +57,16 @@ def compare(make_cfg, rule, layout):
 
 def test_compiled_gd_on_planes_follows_eager(make_cfg):
     compare(make_cfg, "gd", "planes")
+
+
+def test_compiled_gd_under_a_schedule_follows_eager_without_recompiling(make_cfg):
+    """The cosine schedule changes lr at each of the 50 steps: one compile serves them all."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compare(make_cfg, "gd_cosine", "planes")
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames == 1, f"{frames} graphs compiled for one step function"
 
 
 @pytest.mark.slow

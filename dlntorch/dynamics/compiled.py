@@ -72,7 +72,7 @@ def drift_step(gradient: Callable[[Tensor, Tensor | None, Tensor | None], Tensor
     computed out of place and copied in at the end: the compiler then fuses the whole step into
     one loop over the replicas (with the state's update done in place by `torch._foreach_add_`,
     torch 2.13 compiled a wrong step)."""
-    def step(state: list[Tensor], weights: Tensor | None, noise: Tensor | None, lr: float,
+    def step(state: list[Tensor], weights: Tensor | None, noise: Tensor | None, lr: Tensor,
              weight_decay: float) -> None:
         grads = factor_gradients(state, lambda W: gradient(W, weights, noise), mm, T)
         for factor, moved in zip(state, drift(state, grads, lr, weight_decay)):
@@ -97,9 +97,14 @@ class CompiledStep:
                       "running eagerly", RuntimeWarning, stacklevel=3)
         self.failed, self.compiled = True, None
 
-    def __call__(self, state: list[Tensor], *args) -> bool:
+    def __call__(self, state: list[Tensor], weights: Tensor | None, noise: Tensor | None, lr: float,
+                 weight_decay: float) -> bool:
         if self.failed:
             return False
+        # lr as a 0-dim tensor, an input of the compiled program: a float is compiled in as a
+        # constant, so a schedule moving it every step recompiled every step until dynamo's
+        # recompile limit failed the run
+        args = (weights, noise, torch.tensor(lr, dtype=state[0].dtype, device=state[0].device), weight_decay)
         if self.seconds is not None:
             self.compiled(state, *args)
             return True
