@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,9 @@ from .sharpness import observed_sharpness
 
 FLUSH_SECONDS = 10.0          # TensorBoard lags the run by at most this much wall time
 FLUSH_ELEMENTS = 1 << 22      # pending snapshot entries (×8 bytes) before observing them
-OBSERVE_REPLICAS = 1 << 16    # replicas observed in one batch (a multiple of ALIGN: observed_batches), so
+OBSERVE_REPLICAS = 1 << 14    # replicas observed in one batch (a multiple of ALIGN: observed_batches), so
                               # that its temporaries (~1 KB a replica) do not grow with the row's B
+SCALAR_ROWS = 8               # rows whose TensorBoard aggregates are computed together (one sort)
 ALIGN = 64                    # ≥ 2 SIMD vectors of torch's widest (AVX-512: 16 float64, 32 float32)
 PRODUCT_ENTRIES = 64          # run.save_product=auto keeps W when it has at most this many entries
 FACTORS_WARN_BYTES = 1 << 30  # run.save_factors=true warns past this size of the saved factors
@@ -159,11 +160,12 @@ class Recorder:
         last = self.state.trajectory.last
         return None if last is None else int(last["step"])
 
-    def rows(self, snapshots: list[tuple]) -> list[dict[str, np.ndarray]]:
-        """The logged rows of snapshots, their K·B replicas observed OBSERVE_REPLICAS at a time
-        (many small snapshots in one batch, a huge one in blocks of replicas): the observables
-        are per replica, and the blocks aligned (observed_batches), so they change no bit, and
-        the temporaries stay a block's size."""
+    def rows(self, snapshots: list[tuple]) -> Iterator[dict[str, np.ndarray]]:
+        """The logged rows of snapshots, in order, each as soon as its replicas are observed. The
+        K·B replicas are observed OBSERVE_REPLICAS at a time (many small snapshots in one batch, a
+        huge one in blocks of replicas): the observables are per replica, and the blocks aligned
+        (observed_batches), so they change no bit, and the temporaries stay a block's size; only
+        the rows still being filled are held (not K rows at once: fresh memory costs page faults)."""
         steps, times, factors, extras, diverged = zip(*snapshots)
         K, B = len(snapshots), diverged[0].shape[0]
         sharpness = None
@@ -171,7 +173,7 @@ class Recorder:
             # blocks: the Lanczos start vectors are drawn for the whole batch, so depend on its size)
             sharpness = observed_sharpness([torch.cat(parts) for parts in zip(*factors)], self.task,
                                            self.sharpness, torch.cat(diverged))
-        arrays: dict[str, np.ndarray] = {}
+        filling: dict[int, dict[str, np.ndarray]] = {}
         for batch in observed_batches(K, B, OBSERVE_REPLICAS):
             first = batch[0][0] * B + batch[0][1]          # the batch's place among the K·B replicas
             count = sum(e - b for _, b, e in batch)
@@ -180,17 +182,19 @@ class Recorder:
                                           [gather([g] * K, batch) for g in self.state.G0],
                                           gather([self.state.W0] * K, batch) if self.stochastic else None,
                                           None if sharpness is None else sharpness[first:first + count])
-            for name, values in to_numpy(observed).items():
-                if name not in arrays:
-                    arrays[name] = np.empty((K * B, *values.shape[1:]), np.float64)
-                arrays[name][first:first + count] = values
+            observed = to_numpy(observed)
+            offset = 0
+            for k, b, e in batch:
+                row = filling.setdefault(k, {name: np.empty((B, *v.shape[1:]), np.float64)
+                                             for name, v in observed.items()})
+                for name, values in observed.items():
+                    row[name][b:e] = values[offset:offset + e - b]
+                offset += e - b
+                if e == B:          # snapshot k complete
+                    row = filling.pop(k)
+                    row["step"], row["t"] = np.asarray(steps[k]), np.asarray(times[k])
+                    yield row
             del observed
-        rows = []
-        for k in range(K):
-            row = {name: values[k * B:(k + 1) * B] for name, values in arrays.items()}
-            row["step"], row["t"] = np.asarray(steps[k]), np.asarray(times[k])
-            rows.append(row)
-        return rows
 
     def observe_batch(self, factors: list[torch.Tensor], dead: torch.Tensor, extras: dict[str, torch.Tensor],
                       G0: list[torch.Tensor], W0: torch.Tensor | None,
@@ -219,10 +223,15 @@ class Recorder:
         `to_disk`: the events written so far reach the disk too (before a checkpoint)."""
         with self.hooks.phase("flush"):
             if self.pending:
-                rows = self.rows(self.pending)
-                for row in rows:
+                rows: list[dict[str, np.ndarray]] = []
+                for row in self.rows(self.pending):
                     self.state.trajectory.append(row)
-                self.scalars(rows)
+                    rows.append(row)
+                    if len(rows) == SCALAR_ROWS:
+                        self.scalars(rows)
+                        rows = []
+                if rows:
+                    self.scalars(rows)
                 self.pending.clear()
             self.last_flush = time.monotonic()
         if to_disk and self.tb is not None:

@@ -353,7 +353,7 @@ def probe(case: str, B: int, steps: int) -> None:
     loop = LabLoop(lab)
     loop.run(steps)
     stepping = rss_kib("VmHWM")
-    row_ = lab.recorder.rows([lab.recorder.snapshot()])[0]
+    row_ = next(lab.recorder.rows([lab.recorder.snapshot()]))
     row_bytes = sum(v.nbytes for v in row_.values()) / B
     print(json.dumps({"peak_kib": stepping, "peak_observe_kib": rss_kib("VmHWM"), "row_bytes": row_bytes,
                       "layout": lab.dynamics.layout}))
