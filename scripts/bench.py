@@ -889,14 +889,14 @@ def section_compile(repeats: int, chunk_s: float, quick: bool) -> dict:
     eager = make_lab(*SEED, f"replicas={B}", "run.compile=off", out="compile-eager")
     fast = make_lab(*SEED, f"replicas={B}", "run.compile=on", out="compile-on")
     started = time.perf_counter()
-    fast.dynamics.advance(1)                     # compiles (a warm inductor cache makes it seconds)
+    fast.dynamics.advance(fast.cfg.run.stop_check_every)   # compiles (a warm inductor cache makes it seconds)
     first = time.perf_counter() - started
     if not fast.dynamics.compiles:
         return row("7 compile", f"compiled GD step at B={B} / eager", float("nan"), "x", "≥ 1.8x", False,
                    note="torch.compile failed here: the run fell back to eager (see the warning)")
     res = race({"eager": LabLoop(eager), "compiled": LabLoop(fast)}, "cpu", repeats, chunk_s)
     ratio = res["eager"]["min"] / res["compiled"]["min"]
-    print(f"  compile time {fast.dynamics.compile_seconds:.1f} s (first step {first:.1f} s)", flush=True)
+    print(f"  compile time {fast.dynamics.compile_seconds:.1f} s (first chunk {first:.1f} s)", flush=True)
     row("7 compile", f"compile time, GD step at B={B} ({fast.dynamics.layout})", fast.dynamics.compile_seconds, "s",
         note="the first compiled step's wall time; a cold inductor cache costs several times a warm one")
     return row("7 compile", f"compiled GD step at B={B} ({fast.dynamics.layout}) / eager step", ratio, "x", "≥ 1.8x",
