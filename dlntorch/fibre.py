@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .geometry import fibre_move
+from .tiny import planes_mm, planes_T
 
 RTOL = 1e-10   # relative cut on τ's singular values: float64 rounding of τ is ~1e-16 · its size
 
@@ -166,8 +167,7 @@ def _kron_last(P: Tensor, Q: Tensor) -> Tensor:
 
 
 BATCH_FIRST = Layout(mm=torch.matmul, T=lambda x: x.mT, kron=_kron_first, rows=-2)
-BATCH_LAST = Layout(mm=lambda P, Q: (P[:, :, None] * Q[None]).sum(1), T=lambda x: x.transpose(0, 1),
-                    kron=_kron_last, rows=0)
+BATCH_LAST = Layout(mm=planes_mm, T=planes_T, kron=_kron_last, rows=0)     # the planes of dlntorch.tiny
 
 
 def tangent_gram(factors: Sequence[Tensor], layout: Layout = BATCH_FIRST) -> Tensor:

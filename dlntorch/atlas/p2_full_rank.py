@@ -85,11 +85,12 @@ def measure(book: Notebook) -> None:
 
 
 def plot(book, rows, portraits, depths, extents, points) -> None:
+    from matplotlib import colormaps  # matplotlib only when a figure is drawn
     fig, axes = slide_axes(1, 4, width=4.6, height=4.4)
     depth, extent = depths[-1], extents[-1]
     for ax, name in zip(axes[0, :3], PLANES):
         _, _, det = portraits[(name, extent, depth)]
-        cmap = __import__("matplotlib").colormaps["RdBu_r"].with_extremes(bad="darkgrey")  # grey: E ≥ 1e-10 at the end
+        cmap = colormaps["RdBu_r"].with_extremes(bad="darkgrey")  # grey: E ≥ 1e-10 at the end
         image = ax.imshow(det.reshape(points, points), origin="lower", cmap=cmap, vmin=-1.5, vmax=1.5,
                           extent=(-extent, extent, -extent, extent))
         line = np.array([-extent, extent])

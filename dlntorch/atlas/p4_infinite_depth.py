@@ -174,11 +174,12 @@ def measure(book: Notebook) -> None:
 
 
 def plot(book, rows, curves, fits, depths) -> None:
+    from matplotlib import colormaps, ticker  # matplotlib only when a figure is drawn
     names = list(curves)
     fig, axes = slide_axes(1, 4, width=4.8, height=4.3)
     ax = axes[0, 0]
     curve = curves[names[0]]
-    cmap = __import__("matplotlib").colormaps["viridis"]
+    cmap = colormaps["viridis"]
     for i, N in enumerate(depths):
         ax.plot(curve["tau"], curve[N][:, 0, 0, 1], color=cmap(i / len(depths)), lw=1.2, label=f"N = {N}")
     ax.plot(curve["tau"], curve["inf"][:, 0, 0, 1], color="crimson", lw=2.2, label="N = ∞")
@@ -199,7 +200,7 @@ def plot(book, rows, curves, fits, depths) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(depths, [str(N) for N in depths], minor=False)
-    ax.xaxis.set_minor_formatter(__import__("matplotlib").ticker.NullFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("depth N")
     ax.set_ylabel("distance ‖·‖_F (mean over replicas)")
     ax.set_title("‖W_N − W_∞‖ against N (slopes, 95 %)", fontsize=12)
