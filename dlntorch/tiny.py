@@ -63,7 +63,7 @@ def axis_sum(x: Tensor, dim: int = -1) -> Tensor:
     """x.sum(dim); an axis of at most TINY entries as adds of its slices (a bool x is counted)."""
     if x.dtype == torch.bool:
         x = x.to(torch.int64)
-    if x.shape[dim] > TINY:
+    if not 0 < x.shape[dim] <= TINY:      # an empty axis sums to 0
         return x.sum(dim)
     parts = x.unbind(dim)
     total = parts[0]
