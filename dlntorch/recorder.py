@@ -185,8 +185,10 @@ class Recorder:
             observed = to_numpy(observed)
             offset = 0
             for k, b, e in batch:
-                row = filling.setdefault(k, {name: np.empty((B, *v.shape[1:]), np.float64)
-                                             for name, v in observed.items()})
+                row = filling.get(k)
+                if row is None:     # snapshot k's first piece (setdefault would allocate a row per piece)
+                    row = filling[k] = {name: np.empty((B, *v.shape[1:]), np.float64)
+                                        for name, v in observed.items()}
                 for name, values in observed.items():
                     row[name][b:e] = values[offset:offset + e - b]
                 offset += e - b
