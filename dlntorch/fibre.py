@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .geometry import fibre_move
-from .tiny import planes_mm, planes_T
+from .tiny import planes_mm, planes_T, to_planes
 
 RTOL = 1e-10   # relative cut on τ's singular values: float64 rounding of τ is ~1e-16 · its size
 
@@ -301,7 +301,7 @@ def minimum_norm_generator(factors: Sequence[Tensor], flat: Tensor, rtol: float 
     # the batch-last solve trades LAPACK's per-matrix overhead for ~10² elementwise ops per
     # solve: a win on the CPU; on CUDA each op is a kernel launch (not measured there: batched LAPACK)
     if small and flat.device.type == "cpu":
-        A, good = _normal_solve([f.permute(1, 2, 0).contiguous() for f in safe], x.T.contiguous(), BATCH_LAST)
+        A, good = _normal_solve([to_planes(f) for f in safe], x.T.contiguous(), BATCH_LAST)
         A = A.T
     else:
         A, good = _normal_solve(safe, x, BATCH_FIRST)

@@ -25,7 +25,7 @@ from ..geometry import Depth, as_depth, is_infinite_depth, metric_operator
 from ..network import DeepLinearNetwork, chain, factor_gradients
 from ..optim import OPTIMISERS
 from ..tasks import Task
-from ..tiny import planes_mm, planes_pay, planes_T
+from ..tiny import planes_mm, planes_pay, planes_T, to_planes
 from .base import Dynamics
 
 GradFn = Callable[[Tensor], Tensor]
@@ -48,7 +48,7 @@ def upstairs_velocity_planes(factors: Sequence[Tensor], grad_fn: GradFn, weight_
     """upstairs_velocity with the chain rule run on replica-last planes (d_p, d_{p−1}, B),
     elementwise over the replicas — faster than B tiny batched matmuls for small widths and many
     replicas (tiny.planes_pay) — taking and returning replica-first factors as it does."""
-    planes = [f.permute(1, 2, 0).contiguous() for f in factors]
+    planes = [to_planes(f) for f in factors]
     gradients = factor_gradients(planes, lambda W: grad_fn(W.permute(2, 0, 1)).permute(1, 2, 0),
                                  mm=planes_mm, T=planes_T)
     velocity = [-g if not weight_decay else -g - weight_decay * W for g, W in zip(gradients, planes)]
