@@ -117,13 +117,19 @@ def entry() -> None:
 
 
 def exit_without_teardown(code: int) -> None:
-    """End the process as a normal exit would, less the interpreter's teardown: the atexit
-    handlers run (logging's shutdown closes cli.log, launchers stop their workers) and stdout and
-    stderr are flushed; then os._exit skips what follows, the freeing of every module and of
-    libtorch's globals (1.5–2 s after `import torch` on a busy 2-core machine), which the OS does
-    anyway. Every file dlntorch writes is closed before (atomic writes, the closed events file)."""
+    """End the process as a normal exit would, less the interpreter's teardown: first what the
+    interpreter does first, `threading._shutdown` (the hooks registered with threading's own
+    atexit, where joblib's loky executor tells its workers to stop, then a join of the other
+    threads), then the atexit handlers (logging's shutdown closes cli.log; multiprocessing joins
+    its children: without the first step it waited for loky's idle workers to time out, 300 s
+    after every joblib sweep), and stdout and stderr are flushed; then os._exit skips what
+    follows, the freeing of every module and of libtorch's globals (1.5–2 s after `import torch`
+    on a busy 2-core machine), which the OS does anyway. Every file dlntorch writes is closed
+    before (atomic writes, the closed events file)."""
     import atexit
+    import threading
 
+    threading._shutdown()       # type: ignore[attr-defined]  # the interpreter's own first step
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
