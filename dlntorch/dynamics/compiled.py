@@ -87,10 +87,24 @@ class CompiledStep:
 
     def __init__(self, step: Callable):
         self.step, self.seconds, self.failed = step, None, False
+        self.lr: Tensor | None = None    # the compiled program's lr input, refilled only when lr moves
+        self.lr_value: float | None = None
         try:
             self.compiled = torch.compile(step, fullgraph=True, dynamic=False)
         except Exception as error:  # noqa: BLE001 — any failure: the eager path
             self.fail(error)
+
+    def lr_tensor(self, lr: float, like: Tensor) -> Tensor:
+        """lr as a 0-dim tensor, an input of the compiled program: a float is compiled in as a
+        constant, so a schedule moving it every step recompiled every step until dynamo's
+        recompile limit failed the run. One tensor, refilled when lr moves (a new one each step
+        cost ~5 µs of a ~130 µs compiled step)."""
+        if self.lr is None or self.lr.dtype != like.dtype or self.lr.device != like.device:
+            self.lr = torch.tensor(lr, dtype=like.dtype, device=like.device)
+        elif lr != self.lr_value:
+            self.lr.fill_(lr)
+        self.lr_value = lr
+        return self.lr
 
     def fail(self, error: BaseException) -> None:
         warnings.warn(f"run.compile: torch.compile failed ({type(error).__name__}: {_first_line(error)}); "
@@ -101,10 +115,7 @@ class CompiledStep:
                  weight_decay: float) -> bool:
         if self.failed:
             return False
-        # lr as a 0-dim tensor, an input of the compiled program: a float is compiled in as a
-        # constant, so a schedule moving it every step recompiled every step until dynamo's
-        # recompile limit failed the run
-        args = (weights, noise, torch.tensor(lr, dtype=state[0].dtype, device=state[0].device), weight_decay)
+        args = (weights, noise, self.lr_tensor(lr, state[0]), weight_decay)
         if self.seconds is not None:
             self.compiled(state, *args)
             return True
