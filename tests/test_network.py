@@ -67,3 +67,18 @@ def test_chain_is_the_forward_map():
     net = random_net([3, 4, 2], B=2)
     x = torch.randn(2, 3, 7)
     torch.testing.assert_close(net(x), chain(list(net.factors)) @ x, rtol=1e-13, atol=1e-13)
+
+
+def test_fast_chain_is_the_product_on_planes_and_on_batches():
+    """fast_chain takes planes for tiny widths at many replicas (B = 600 ≥ 512) and the batched
+    matmuls otherwise (B = 5; widths 7 > 6): both equal the per-replica product to rounding
+    (entries O(1), 3 factors: a few ulp of float64)."""
+    from dlntorch.network import fast_chain
+    for widths, B in (([2, 2, 2, 2], 600), ([2, 3, 2], 600), ([2, 2, 2, 2], 5), ([7, 3, 2], 600)):
+        factors = list(random_net(widths, B=B).factors)
+        fast = fast_chain([f.detach() for f in factors])
+        for b in range(0, B, 97):
+            expected = factors[0][b]
+            for f in factors[1:]:
+                expected = f[b] @ expected
+            torch.testing.assert_close(fast[b], expected.detach(), rtol=0, atol=1e-14)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import fail, non_negative_finite, one_of, parse_depth, positive_finite
 from ..geometry import Depth, as_depth, is_infinite_depth, metric_operator
-from ..network import DeepLinearNetwork, chain, factor_gradients
+from ..network import DeepLinearNetwork, chain, factor_gradients, fast_chain
 from ..optim import OPTIMISERS
 from ..tasks import Task
 from ..tiny import planes_mm, planes_pay, planes_T, to_planes
@@ -316,7 +316,7 @@ class _FlowDynamics(Dynamics):
 
     @torch.no_grad()
     def energy(self) -> Tensor:
-        return self.task.energy(chain(self.factors()))
+        return self.task.energy(fast_chain(self.factors()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": [x.cpu() for x in self.state], "step": self.step, "dead": self.dead.cpu(),

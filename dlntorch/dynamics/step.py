@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import compat
 from ..budget import total_steps
-from ..network import DeepLinearNetwork, chain, factor_gradients
+from ..network import DeepLinearNetwork, factor_gradients, fast_chain
 from ..optim import OPTIMISERS, build_optimizer, build_schedule, check_batch_size, fast_kernel, schedule_step
 from ..tasks import Reshuffled, Task
 from ..tiny import planes_pay
@@ -177,7 +177,7 @@ class StepDynamics(Dynamics):
 
     @torch.no_grad()
     def energy(self) -> Tensor:
-        return self.task.energy(chain(self.factors()))
+        return self.task.energy(fast_chain(self.factors()))
 
     def counters(self) -> dict[str, int]:
         counts = {} if self.reshuffled is None else {"epochs": self.reshuffled.epochs}
