@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +69,11 @@ def histogram_steps(grid: np.ndarray, points: int) -> np.ndarray:
     return np.asarray(grid)[picks]
 
 
-def atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write, before_rename: Callable[[], Any] | None = None) -> None:
     """Write through a temporary file in the same folder, then rename: a reader (or a crash)
-    never sees a half-written file, and the previous version survives until the rename."""
+    never sees a half-written file, and the previous version survives until the rename.
+    `before_rename`: called once the temporary file is on disk, before it takes the name (what the
+    file must not appear before, e.g. the final checkpoint; if it raises, nothing is renamed)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -80,6 +82,8 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,7 +146,7 @@ def deflates(array: np.ndarray, ratio: float = 0.5) -> bool:
     return len(zlib.compress(sample, DEFLATE_LEVEL)) <= ratio * len(sample)
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
+def write_json(path: Path, data: Mapping[str, Any], before_rename: Callable[[], Any] | None = None) -> None:
     """`data` as indented JSON, encoded as it is written: each list of numbers (a per-replica
     column, nested or not) goes through json's C encoder on one line (its indented encoder is pure
     Python: ~1 s for the summary of 4096 replicas, one number a line), one list at a time, so that
@@ -155,7 +159,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
         for k, piece in enumerate(pieces):
             for text in (json_leaf(leaves[int(piece)]) if k % 2 else [piece]):
                 handle.write(text.encode())
-    atomic_write_bytes(path, write)
+    atomic_write_bytes(path, write, before_rename)
 
 
 JSON_BLOCK = 1 << 16        # an array leaf's rows that are Python numbers (and text) at once

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,10 @@ class RunDir:
                 return previous
         return None
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json(self.path / SUMMARY, summary)
+    def write_summary(self, summary: dict[str, Any], before_rename: Callable[[], Any] | None = None) -> None:
+        """summary.json, which marks the run complete; `before_rename`: what must be on disk
+        before the name appears (logger.atomic_write_bytes)."""
+        write_json(self.path / SUMMARY, summary, before_rename)
 
 
 def check_resumable(then: dict[str, Any], now: dict[str, Any], path: Path) -> None:

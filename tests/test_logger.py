@@ -111,3 +111,23 @@ def test_summary_json_reads_back_as_the_indented_encoder_wrote_it(tmp_path):
     keep = {"parse_constant": str}       # NaN and Infinity compared as their spellings
     assert json.loads(text, **keep) == json.loads(json.dumps(data, default=_jsonable), **keep)
     assert '"energy": [1.0, NaN, Infinity]' in text and '"nested": [\n' in text
+
+
+def test_an_atomic_write_takes_its_name_only_after_before_rename(tmp_path):
+    """summary.json must not appear before the final checkpoint is on disk (train.finish): the
+    file is written whole first, named only once before_rename returns, and if before_rename
+    raises, the old file stays and no temporary file is left."""
+    import pytest
+
+    from dlntorch.logger import atomic_write_bytes
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    seen = []
+    atomic_write_bytes(path, lambda h: h.write(b"new"), before_rename=lambda: seen.append(path.read_text()))
+    assert seen == ["old"] and path.read_text() == "new"
+
+    def fails():
+        raise OSError("the checkpoint could not be written")
+    with pytest.raises(OSError, match="checkpoint"):
+        atomic_write_bytes(path, lambda h: h.write(b"newer"), before_rename=fails)
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -171,8 +171,10 @@ def test_a_run_killed_between_its_final_checkpoint_and_its_summary_resumes_to_th
     import dlntorch.rundir as rundir
     real_write_json = rundir.write_json
 
-    def killed(path, data):
-        raise KeyboardInterrupt       # the process dies before summary.json is written
+    def killed(path, data, before_rename=None):
+        if before_rename is not None:
+            before_rename()           # the final checkpoint is on disk …
+        raise KeyboardInterrupt       # … and the process dies before summary.json is named
     monkeypatch.setattr(rundir, "write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         run(make_cfg(*base, out="killed"))
