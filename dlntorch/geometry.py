@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .network import balancedness_of, chain
-from .tiny import axis_sum
+from .tiny import axis_sum, pair_singular_values
 
 Depth = int | float  # a positive int, or math.inf
 
@@ -341,14 +341,16 @@ def svd_pair(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Q, R = torch.hypot(E, H), torch.hypot(F, G)
     a1, a2 = torch.atan2(G, F), torch.atan2(H, E)
     phi, theta = (a2 + a1) / 2, (a2 - a1) / 2
-    s1, s2 = Q + R, Q - R
-    sign = torch.where(s2 < 0, -1.0, 1.0).to(M.dtype)
-    U = _rotation_pair(phi)
-    V = _rotation_pair(-theta) * torch.stack([torch.ones_like(sign), sign], -1).unsqueeze(-2)
-    return U, torch.stack([s1, s2.abs()], -1), V
+    sign = torch.where(Q < R, -1.0, 1.0).to(M.dtype)      # Q² − R² = det M < 0: V's column flipped
+    U = rotation_pair(phi)
+    V = rotation_pair(-theta) * torch.stack([torch.ones_like(sign), sign], -1).unsqueeze(-2)
+    # s = (Q + R, |Q − R|), as tiny.pair_singular_values computes them (σ_2 from det M: exactly 0
+    # for a singular M, where Q − R leaves a rounding error)
+    return U, torch.stack(pair_singular_values(M), -1), V
 
 
-def _rotation_pair(angle: Tensor) -> Tensor:
+def rotation_pair(angle: Tensor) -> Tensor:
+    """The plane rotations R(α) = [[cos α, −sin α], [sin α, cos α]] of angles (…,): (…, 2, 2)."""
     c, s = torch.cos(angle), torch.sin(angle)
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 

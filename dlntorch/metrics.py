@@ -16,15 +16,13 @@ from .errors import ConfigError
 from .geometry import balance_gap, entropy
 from .network import chain_and_balancedness
 from .tasks import Task
-from .tiny import axis_sum, root_sum_squares
+from .tiny import axis_sum, pair_singular_values, root_sum_squares
 
 
 def singular_values(W: Tensor) -> Tensor:
     """σ_1 ≥ σ_2 ≥ … of each W (B, m, n), as torch.linalg.svdvals gives them, to float64 rounding
     (an error of a few ε·σ_1, which is LAPACK's own). Closed forms: a row or a column has the one
-    singular value ‖W‖; a 2x2 W = [[a, b], [c, d]] is a rotation-like part plus a reflection-like
-    part, σ_1 = (‖(a + d, c − b)‖ + ‖(a − d, b + c)‖)/2, and σ_2 = σ_1 |det(W/σ_1)| (= |det W|/σ_1:
-    σ_1σ_2 = |det W|, an exactly singular W has σ_2 = 0; scaled, so that no tiny W underflows)."""
+    singular value ‖W‖; a 2x2 W, tiny.pair_singular_values."""
     m, n = W.shape[-2:]
     tiny = torch.finfo(W.dtype).tiny
     if min(m, n) == 1:
@@ -32,10 +30,7 @@ def singular_values(W: Tensor) -> Tensor:
         largest = x.abs().amax(1, keepdim=True)       # scaled like LAPACK: no under- or overflow
         return largest * (x / largest.clamp_min(tiny)).norm(dim=1, keepdim=True)
     if (m, n) == (2, 2):
-        a, b, c, d = W.flatten(1).unbind(1)
-        top = 0.5 * (torch.hypot(a + d, c - b) + torch.hypot(a - d, b + c))
-        bottom = top * determinant(W / top.clamp_min(tiny).view(-1, 1, 1)).abs()
-        return torch.stack([top, torch.minimum(bottom, top)], dim=-1)   # σ_2 ≤ σ_1 through rounding too
+        return torch.stack(pair_singular_values(W), dim=-1)
     return torch.linalg.svdvals(W)
 
 

@@ -52,7 +52,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .geometry import Depth, entropy_singular_gradient, f_inf, f_N, is_infinite_depth, polar_pair, svd_pair
+from .geometry import (
+    Depth,
+    entropy_singular_gradient,
+    f_inf,
+    f_N,
+    is_infinite_depth,
+    polar_pair,
+    rotation_pair,
+    svd_pair,
+)
 
 
 @dataclass(frozen=True)
@@ -141,8 +150,7 @@ def rotation(Omega: Tensor) -> Tensor:
     """e^Ω for skew Ω (B, d, d): the plane rotation in closed form at d = 2, else matrix_exp."""
     if Omega.shape[-1] != 2:
         return torch.linalg.matrix_exp(Omega)
-    c, s = torch.cos(Omega[..., 0, 1]), torch.sin(Omega[..., 0, 1])
-    return torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)
+    return rotation_pair(-Omega[..., 0, 1])      # Ω = [[0, ω], [−ω, 0]]: e^Ω = R(−ω)
 
 
 def frame(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:

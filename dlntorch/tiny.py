@@ -79,3 +79,16 @@ def root_sum_squares(parts: Sequence[Tensor]) -> Tensor:
     for part in parts[1:]:
         total = torch.addcmul(total, part, part)
     return total.sqrt()
+
+
+def pair_singular_values(M: Tensor) -> tuple[Tensor, Tensor]:
+    """σ_1 ≥ σ_2 ≥ 0 of 2x2 matrices M (…, 2, 2) in closed form, to float64 rounding (an error of a
+    few ε·σ_1, which is LAPACK's own): M = [[a, b], [c, d]] is a rotation-like part plus a
+    reflection-like part, σ_1 = (‖(a + d, c − b)‖ + ‖(a − d, b + c)‖)/2, and σ_2 = σ_1 |det(M/σ_1)|
+    (σ_1σ_2 = |det M|: an exactly singular M has σ_2 = 0; scaled, so that no tiny M underflows).
+    The one closed form of both metrics.singular_values and geometry.svd_pair."""
+    a, b, c, d = M[..., 0, 0], M[..., 0, 1], M[..., 1, 0], M[..., 1, 1]
+    top = 0.5 * (torch.hypot(a + d, c - b) + torch.hypot(a - d, b + c))
+    scale = top.clamp_min(torch.finfo(M.dtype).tiny)
+    bottom = top * ((a / scale) * (d / scale) - (b / scale) * (c / scale)).abs()
+    return top, torch.minimum(bottom, top)      # σ_2 ≤ σ_1 through rounding too

@@ -402,3 +402,9 @@ def test_closed_form_svd_and_polar_of_2x2_against_lapack():
         assert ((s - torch.linalg.svdvals(A)).abs() / scale[:, 0]).max() < 1e-13
     X, _, Yh = torch.linalg.svd(M)
     assert (polar_pair(M) - X @ Yh).abs().max() < 1e-12      # M invertible almost surely
+    # one closed form for the values: the observables' (metrics.singular_values), bit for bit, and
+    # an exactly singular M (rank one, zero) has σ_2 = 0 exactly
+    from dlntorch.metrics import singular_values
+    assert torch.equal(svd_pair(special)[1], singular_values(special))
+    assert torch.equal(svd_pair(M)[1], singular_values(M))
+    assert (svd_pair(special)[1][2:4, 1] == 0).all()
