@@ -25,8 +25,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from ..analysis import load_run
+from ..geometry import f_N
 from .common import Notebook, slide_axes
 
 TARGET = (2.0, 0.5)          # the spectral energy's singular values t
@@ -152,11 +154,6 @@ def scalar_probabilities(edges: np.ndarray, beta: float, N: int, y: float, nodes
     return np.diff(mass) / cumulative[-1]
 
 
-def pair_sum(a: np.ndarray, b: np.ndarray, N: int) -> np.ndarray:
-    """f_N(a^N, b^N) = Σ_{k<N} a^{2k} b^{2(N−1−k)} (the sum form: no 0/0 at a = b)."""
-    return sum(a ** (2 * k) * b ** (2 * (N - 1 - k)) for k in range(N))
-
-
 def matrix_marginals(beta: float, N: int, nodes: int = 1201) -> tuple[np.ndarray, list[np.ndarray]]:
     """The marginal densities of σ_1 ≥ σ_2 (σ = s^{1/N}) under the RLE's stationary law for
     E = ½‖W − Y‖², Y = diag(TARGET), in the det > 0 component, on a grid x (trapezoid rule)."""
@@ -166,7 +163,8 @@ def matrix_marginals(beta: float, N: int, nodes: int = 1201) -> tuple[np.ndarray
     S1, S2 = A ** N, B ** N
     log_weight = -beta * (S1 ** 2 + S2 ** 2) / 2 + np.log(np.i0(beta * (S1 + S2) * (y1 + y2) / 2)) \
         + np.log(np.i0(beta * (S1 - S2) * (y1 - y2) / 2))
-    p = np.abs(A ** 2 - B ** 2) * np.sqrt(pair_sum(A, B, N)) * np.exp(log_weight - log_weight.max())
+    f = f_N(torch.from_numpy(S1), torch.from_numpy(S2), N).numpy()     # f_N(σ_1^N, σ_2^N), finite at σ_1 = σ_2
+    p = np.abs(A ** 2 - B ** 2) * np.sqrt(f) * np.exp(log_weight - log_weight.max())
     p[A < B] = 0
     w = np.full(nodes, x[1] - x[0])
     w[[0, -1]] /= 2
