@@ -109,6 +109,21 @@ def test_f_N_stable_near_the_diagonal(N):
             assert abs(value - exact) <= tol * exact, (base, gap, value, exact)
 
 
+@pytest.mark.parametrize("N", [2, 3, 7, 20, 1024, INF])
+def test_f_N_accurate_far_from_the_diagonal(N):
+    """small ≪ big: log(small/big) was log1p(−1 + ratio), which keeps only the ratio's absolute
+    accuracy (ratio 1e-12: f_20 and f_∞ wrong in the sixth digit). Against mpmath, the same
+    tolerance as near the diagonal (a few ulp, plus pow's exponent rounding times |log x|)."""
+    mpmath.mp.dps = 50
+    for big in (1.3, 20.7, 1e100):
+        for ratio in (0.49, 0.3, 1e-3, 1e-8, 1e-12, 1e-30, 1e-100):
+            small = big * ratio
+            exact = float(mp_f(big, small, N))
+            value = f_N(scalar(big), scalar(small), N).item()
+            tol = 1e-14 + 2.3e-16 * abs(math.log(big))
+            assert abs(value - exact) <= tol * exact, (big, ratio, value, exact)
+
+
 def test_f_1_is_constant():
     x = torch.tensor([0.0, 0.5, 2.0], dtype=DT)
     assert torch.equal(f_N(x, x.flip(0), 1), torch.ones_like(x))
