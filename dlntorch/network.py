@@ -14,12 +14,17 @@ from torch import Tensor, nn
 from .tiny import from_planes, planes_mm, planes_pay, planes_T, tiny_widths, to_planes
 
 
-def chain(factors: Sequence[Tensor]) -> Tensor:
-    """W_N ⋯ W_1 for factors given input-to-output as [W_1, …, W_N]."""
+def chain(factors: Sequence[Tensor], mm: Callable = torch.matmul) -> Tensor:
+    """W_N ⋯ W_1 for factors given input-to-output as [W_1, …, W_N] (`mm`: the layout's matmul)."""
     product = factors[0]
     for factor in factors[1:]:
-        product = torch.matmul(factor, product)
+        product = mm(factor, product)
     return product
+
+
+def widths_of(factors: Sequence[Tensor]) -> list[int]:
+    """[d_0, d_1, …, d_N] of factors (B, d_p, d_{p−1})."""
+    return [factors[0].shape[-1]] + [f.shape[-2] for f in factors]
 
 
 def fast_chain(factors: Sequence[Tensor]) -> Tensor:
@@ -27,13 +32,9 @@ def fast_chain(factors: Sequence[Tensor]) -> Tensor:
     the stop test's product at every check (2x2 at depth 3, B = 4096: the two batched matmuls
     cost ~250 µs, planes ~60 µs). Equal to chain to rounding; for the loop's stop test, not for
     the observables, whose bits must not depend on B (chain_and_balancedness)."""
-    widths = [factors[0].shape[-1]] + [f.shape[-2] for f in factors]
-    if not planes_pay(widths, factors[0].shape[0]):
+    if not planes_pay(widths_of(factors), factors[0].shape[0]):
         return chain(factors)
-    product = to_planes(factors[0])
-    for factor in factors[1:]:
-        product = planes_mm(to_planes(factor), product)
-    return from_planes(product)
+    return from_planes(chain([to_planes(f) for f in factors], planes_mm))
 
 
 def balancedness_of(factors: Sequence[Tensor]) -> list[Tensor]:
@@ -49,13 +50,10 @@ def chain_and_balancedness(factors: Sequence[Tensor]) -> tuple[Tensor, list[Tens
     widths on planes (dlntorch.tiny), each factor copied there once, where 2x2 bmm costs 7x.
     Chosen by the widths alone, whatever the number of replicas: a replica's bits must not
     depend on how many are observed with it (recorder.observed_batches)."""
-    widths = [factors[0].shape[-1]] + [f.shape[-2] for f in factors]
-    if not tiny_widths(widths):
+    if not tiny_widths(widths_of(factors)):
         return chain(factors), balancedness_of(factors)
     planes = [to_planes(f) for f in factors]
-    product = planes[0]
-    for factor in planes[1:]:
-        product = planes_mm(factor, product)
+    product = chain(planes, planes_mm)
     G = [planes_mm(planes_T(upper), upper) - planes_mm(lower, planes_T(lower))
          for lower, upper in zip(planes[:-1], planes[1:])]
     return from_planes(product), [from_planes(g) for g in G]
