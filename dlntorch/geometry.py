@@ -62,10 +62,24 @@ def _log_ratio(big: Tensor, small: Tensor) -> Tensor:
     (Sterbenz), where log(small/big) would lose the digits of a ratio near 1. Away from it as
     log(small/big): the ratio is accurate to half an ulp, and log1p of (small − big)/big = −1 + ratio
     would keep only its absolute accuracy (ratio 1e-12: a relative error of 1e-4 in the ratio, which
-    made f_N at N = 20 and f_∞ wrong in the sixth digit).
+    made f_N at N = 20 and f_∞ wrong in the sixth digit). A ratio that underflows: log small − log big.
     """
     ratio = small / big
-    return torch.where(ratio >= 0.5, torch.log1p((small - big) / big), torch.log(ratio))
+    near, normal = ratio >= 0.5, ratio >= torch.finfo(ratio.dtype).tiny
+    one = torch.ones_like(ratio)
+    # each branch on safe inputs, so that torch.where never back-propagates 0·inf = NaN (the
+    # log1p of −1 that (small − big)/big rounds to below a ratio of 1e-16, or log 0)
+    close = torch.log1p(torch.where(near, (small - big) / big, torch.zeros_like(ratio)))
+    apart = torch.log(torch.where(normal, ratio, one))
+    underflow = torch.log(torch.where(normal, one, small)) - torch.log(torch.where(normal, one, big))
+    return torch.where(near, close, torch.where(normal, apart, underflow))      # ratio below 2e-308
+
+
+def _expm1(x: Tensor) -> Tensor:
+    """e^x − 1 for x ≤ 0, with a gradient as accurate as its value: torch differentiates expm1 as
+    its result + 1, which for x ≪ 0 is the difference of two numbers near −1 and 1 (e^x = 1e-20:
+    a gradient of 0). Below x = −1, e^x − 1 itself: no cancellation there, and exp's gradient."""
+    return torch.where(x < -1, torch.exp(x) - 1, torch.expm1(x))
 
 
 def f_N(x, y, N: Depth) -> Tensor:
@@ -99,7 +113,7 @@ def f_N(x, y, N: Depth) -> Tensor:
     geometric = torch.where(
         near,
         N * torch.exp((N - 1) * l_near / 2) * _sinhc_series(N * l_near / 2) / _sinhc_series(l_near / 2),
-        torch.expm1(N * l_far) / torch.expm1(l_far),
+        _expm1(N * l_far) / _expm1(l_far),
     )
     # small = 0: the only surviving term is big^{2−2/N} (0⁰ = 1); big = 0 gives 0 for N ≥ 2.
     geometric = torch.where(interior, geometric, torch.ones_like(geometric))
@@ -125,7 +139,7 @@ def f_inf(x, y) -> Tensor:
     mean = torch.where(
         near,
         torch.exp(lam_near / 2) * _sinhc_series(lam_near / 2),
-        torch.expm1(lam_far) / lam_far,
+        _expm1(lam_far) / lam_far,
     )
     # A zero argument makes the logarithmic mean vanish: (x² − 0)/log(x²/0) = 0.
     return torch.where(interior, big.square() * mean, torch.zeros_like(big))

@@ -93,6 +93,16 @@ def mp_f(x, y, N):
     return sum(x ** (mpmath.mpf(2 * k) / N) * y ** (mpmath.mpf(2 * (N - 1 - k)) / N) for k in range(N))
 
 
+def mp_f_gradient(x, y, N):
+    """(∂f_N/∂x, ∂f_N/∂y) in mpmath, term by term (f_∞: of the logarithmic mean)."""
+    x, y = mpmath.mpf(x), mpmath.mpf(y)
+    if N == INF:
+        L = mpmath.log(x * x / (y * y))
+        return ((2 * x * L - (x * x - y * y) * 2 / x) / L**2, (-2 * y * L + (x * x - y * y) * 2 / y) / L**2)
+    terms = [(mpmath.mpf(2 * k) / N, mpmath.mpf(2 * (N - 1 - k)) / N) for k in range(N)]
+    return (sum(a * x ** (a - 1) * y**b for a, b in terms if a), sum(b * x**a * y ** (b - 1) for a, b in terms if b))
+
+
 @pytest.mark.parametrize("N", [2, 3, 7, 1024, INF])
 def test_f_N_stable_near_the_diagonal(N):
     mpmath.mp.dps = 50
@@ -122,6 +132,16 @@ def test_f_N_accurate_far_from_the_diagonal(N):
             value = f_N(scalar(big), scalar(small), N).item()
             tol = 1e-14 + 2.3e-16 * abs(math.log(big))
             assert abs(value - exact) <= tol * exact, (big, ratio, value, exact)
+    # the gradient stays right (never NaN) where (small − big)/big rounds to −1 (ratio < 1e-16)
+    # and where the ratio underflows (1e-300 / 1e10): against mpmath's derivatives, to 1e-12
+    # relative; ∂f/∂small ~ (small/big)^{2/N}/small overflows float64 at 1e-300 for N ≥ 1024
+    for big, small in ((2.0, 2e-20), (1.3, 1.3e-200), (1e10, 1e-300)):
+        x, y = scalar(big).requires_grad_(), scalar(small).requires_grad_()
+        f_N(x, y, N).backward()
+        d_big, d_small = mp_f_gradient(big, small, N)
+        for got, exact in ((x.grad.item(), d_big), (y.grad.item(), d_small)):
+            expected = float(exact) if abs(exact) < 1e300 else math.inf
+            assert got == pytest.approx(expected, rel=1e-12), (big, small, N)
 
 
 def test_f_1_is_constant():
