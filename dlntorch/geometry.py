@@ -362,8 +362,8 @@ def svd_pair(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     sign = torch.where(Q < R, -1.0, 1.0).to(M.dtype)      # Q² − R² = det M < 0: V's column flipped
     U = rotation_pair(phi)
     V = rotation_pair(-theta) * torch.stack([torch.ones_like(sign), sign], -1).unsqueeze(-2)
-    # s = (Q + R, |Q − R|), as tiny.pair_singular_values computes them (σ_2 from det M: exactly 0
-    # for a singular M, where Q − R leaves a rounding error)
+    # s by tiny.pair_singular_values: σ_1 = Q + R, and σ_2 = |det M|/σ_1 rather than |Q − R|
+    # (exactly 0 for a singular M, where |Q − R| leaves a rounding error)
     return U, torch.stack(pair_singular_values(M), -1), V
 
 
