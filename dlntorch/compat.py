@@ -1,4 +1,4 @@
-"""The five private interfaces of other libraries that dlntorch leans on, named in one place.
+"""The four private interfaces of other libraries that dlntorch leans on, named in one place.
 
 Each is used only where the library's version is one it was tested with and the private name
 exists; otherwise dlntorch takes the public path, slower but the same result:
@@ -15,10 +15,6 @@ exists; otherwise dlntorch takes the public path, slower but the same result:
   torch itself) merely to mark them "not to be compiled" in a process that never compiles; once
   anything imports torch._dynamo (torch.compile does), they take torch's own path. Public path:
   the import, on the first optimizer built.
-- `zipfile.ZipInfo._compresslevel` (Python < 3.13; public as `compress_level` from 3.13) — the
-  deflate level of a member opened from a ZipInfo, which ignores the archive's compresslevel.
-  Public path: none before 3.13 (the member would be deflated at zlib's default level 6: the same
-  bytes once inflated, written ~5x slower).
 """
 from __future__ import annotations
 
@@ -144,10 +140,3 @@ def defer_dynamo_import() -> bool:
             fn.__dynamo_disable = _deferred_disable(fn, cells["recursive"])
     DYNAMO_DEFERRED = True
     return True
-
-
-# -- zipfile.ZipInfo's compress level -------------------------------------------------------
-
-def set_compress_level(member: Any, level: int) -> None:
-    """Deflate `member` (a zipfile.ZipInfo) at `level` when ZipFile.open writes it."""
-    setattr(member, "compress_level" if hasattr(type(member), "compress_level") else "_compresslevel", level)

@@ -228,7 +228,7 @@ def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 # what a run dir holds (see README, "Outputs of a run")
 CHECKPOINT, SUMMARY, TRAJECTORY, EVENTS = "checkpoint.pt", "summary.json", "trajectory.npz", "tb"
-TRAJECTORY_ROWS = "trajectory"      # the row files of a run that logs (dlntorch.trajectory), until it completes
+TRAJECTORY_ROWS = "trajectory"      # the row file of a run that logs (dlntorch.trajectory), until it completes
 # the statuses of a summary.json whose run reached its end (a diverged one: every replica diverged)
 FINISHED = ("completed", "diverged")
 

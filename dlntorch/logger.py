@@ -8,7 +8,8 @@ min and max too; stochastic runs: also `name/ci95_low`, `name/ci95_high`, the 95
 mean, and the balance, drift, entropy and free energy as headline observables), histograms of the
 per-replica values at a bounded number of logged times (`distribution/name`) and at the end
 (`final/name`), and hparams.
-trajectory.npz gets every observable as an array (T, B[, k]) — analysis reads that, not events.
+trajectory.npz gets every observable as an array (T, B[, k]) — analysis reads that, not events
+(written by trajectory.py and npzfile.py).
 """
 from __future__ import annotations
 
@@ -95,56 +96,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
-    """An .npz (np.load reads it) whose arrays are deflated at level 1 only where that pays (see
-    `deflates`): a row of thousands of replicas' float64 observables shrinks by 5–20 % at ~25 MB/s
-    (level 1, here) — seconds at the end of such a run, for a file ~10 % smaller —, flags and ranks 20-fold,
-    a default run of 256 replicas about threefold. np.load reads both kinds alike."""
-    import zipfile
-
-    from numpy.lib import format as npy
-
-    with zipfile.ZipFile(handle, "w") as archive:     # each member's kind and level: npz_member
-        for name, array in arrays.items():
-            array = np.asanyarray(array)
-            with archive.open(npz_member(name, array), "w", force_zip64=True) as out:
-                npy.write_array(out, array, allow_pickle=False)
-
-
-def npz_member(name: str, array: np.ndarray):
-    """The zip entry of array `name` in an .npz: deflated (level 1) only where `deflates` says it
-    pays, stored otherwise (the one rule for trajectory.npz, written whole or from row files)."""
-    import time
-    import zipfile
-
-    member = zipfile.ZipInfo(f"{name}.npy", date_time=time.localtime()[:6])
-    member.compress_type = zipfile.ZIP_DEFLATED if deflates(array) else zipfile.ZIP_STORED
-    # a ZipInfo handed to ZipFile.open keeps its own level, whatever the archive's compresslevel:
-    # without this, zlib's default 6 (a B = 4096 run's energy: 0.38 s instead of 0.07 s)
-    compat.set_compress_level(member, DEFLATE_LEVEL)
-    member.external_attr = 0o644 << 16
-    return member
-
-
-DEFLATE_SAMPLE = 1 << 10     # elements in each of the 8 pieces of an array that `deflates` tries
-DEFLATE_LEVEL = 1            # zlib's fastest: ~5x level 6's speed on these arrays, within ~10 % of its size
-
-
-def deflates(array: np.ndarray, ratio: float = 0.5) -> bool:
-    """Whether deflate (level 1) at least halves `array`, judged from 8 pieces spread over it
-    (the early and the late rows of a trajectory differ). It does for flags, ranks and counts, and
-    for whole trajectories of a few hundred replicas (converged ones repeat within deflate's 32 KB
-    window); it does not for rows of thousands of replicas of float64 noise. Small arrays: always."""
-    import zlib
-
-    flat = array.reshape(-1)
-    if flat.nbytes <= 8 * DEFLATE_SAMPLE * 8:
-        return True
-    starts = np.linspace(0, flat.size - DEFLATE_SAMPLE, 8).astype(np.int64)
-    sample = np.concatenate([flat[s:s + DEFLATE_SAMPLE] for s in starts]).tobytes()
-    return len(zlib.compress(sample, DEFLATE_LEVEL)) <= ratio * len(sample)
 
 
 def write_json(path: Path, data: Mapping[str, Any], before_rename: Callable[[], Any] | None = None) -> None:

@@ -93,7 +93,7 @@ EVENT_NUMBERS = ("convergence_time", "rank_jump_count")   # one number per repli
 
 def trajectory_events(trajectory: Any, energy_level: float) -> dict[str, Any]:
     """summarise_events over the whole trajectory, EVENT_BLOCK replicas at a time (read from the
-    row files), so that its memory does not grow with T × B; the one-number-per-replica events
+    row file), so that its memory does not grow with T × B; the one-number-per-replica events
     as arrays (the rank jumps, a list per replica, as lists)."""
     names = [n for n in ("energy", "singular_values") if n in trajectory.columns]
     t, replicas = trajectory.array("t"), trajectory.last["energy"].shape[0]

@@ -57,7 +57,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.events = self.path / EVENTS
-        self.rows = self.path / TRAJECTORY_ROWS     # the trajectory's row files while the run logs
+        self.rows = self.path / TRAJECTORY_ROWS     # the trajectory's row file while the run logs
 
     @classmethod
     def create(cls, cfg: DictConfig) -> RunDir:
@@ -85,10 +85,11 @@ class RunDir:
     def save(self, state: RunState, dynamics: Any, cfg: DictConfig, elapsed: float) -> None:
         """Write checkpoint.pt atomically (temporary file, then rename): a crash or a kill at any
         moment leaves the previous checkpoint whole and usable. The trajectory so far goes to
-        trajectory.npz first (assembled from the row files); the checkpoint records how many of its
-        rows are its own, so a crash between the two writes leaves a consistent pair."""
+        trajectory.npz first (written from the row file; the final checkpoint's made from it in
+        place); the checkpoint records how many of its rows are its own, so a crash between the two
+        writes leaves a consistent pair."""
         s = state
-        s.trajectory.save(self.path / TRAJECTORY)
+        (s.trajectory.seal if s.finished else s.trajectory.save)(self.path / TRAJECTORY)
         payload = {"step": s.step, "t": s.t, "gradient_evaluations": s.gradient_evaluations,
                    "diverged": s.diverged.cpu(), "G0": [g.cpu() for g in s.G0],
                    "W0": None if s.W0 is None else s.W0.cpu(),

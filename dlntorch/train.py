@@ -123,7 +123,7 @@ class Lab:
         self.state = RunState(diverged=torch.zeros(cfg.replicas, dtype=torch.bool, device=self.device),
                               G0=[g.detach().clone() for g in self.net.balancedness()],
                               W0=self.net.product().detach().clone(),
-                              trajectory=Trajectory(self.rundir.rows))
+                              trajectory=Trajectory(self.rundir.rows, capacity=len(self.grid)))
         self.hooks = hooks or Hooks()
         self.recorder = Recorder(self.dynamics, self.task, self.state, cfg.run, self.grid, self.dynamics.beta,
                                  self.hooks)
@@ -290,9 +290,10 @@ class Lab:
     def finish(self) -> dict[str, Any]:
         """The final checkpoint first (the state is final), then the reports: a kill in between
         resumes straight to the reports, with the final row, the stop reason and no step twice.
-        The checkpoint is written by a second thread while the reports are computed (assembling
-        trajectory.npz is file I/O, CRC and deflate, which release the GIL: ~0.5 s at B = 4096
-        over 200 rows); summary.json, which marks the run complete, only once it is on disk."""
+        The summary reads the rows first; then the checkpoint is written by a second thread (the
+        row file becomes trajectory.npz in place: headers, CRCs, deflate, which release the GIL)
+        while TensorBoard's last records are; summary.json, which marks the run complete, only
+        once the checkpoint is on disk."""
         with self.hooks.phase("finish"), ThreadPoolExecutor(max_workers=1) as writer:
             s = self.state
             saved = None
@@ -301,17 +302,18 @@ class Lab:
             else:
                 if self.recorder.last_step() != s.step:
                     self.recorder.log()
-                s.finished = True
                 self.recorder.flush(to_disk=True)
-                saved = writer.submit(self.save)      # writes trajectory.npz too
             final = s.trajectory.last
-            self.recorder.histograms(s.step, final)
             summary = summarise(self.cfg, s, final, out=self.rundir.path, seeds=self.seeds,
                                 device=self.device, widths=self.widths, total_steps=self.total_steps,
                                 counters=self.dynamics.counters(), wall_time=s.elapsed + self.wall(),
                                 dynamics_depth=self.dynamics.depth, stochastic=self.dynamics.stochastic)
+            if not s.finished:    # the rows are read: the row file may become trajectory.npz
+                s.finished = True
+                saved = writer.submit(self.save)
             if self.task.schedule is not None:
                 summary["schedule"] = self.task.schedule.record(self.dynamics.time)
+            self.recorder.histograms(s.step, final)
             self.recorder.close(s.step, hparams(summary["config"], hydra_overrides(), sweep_of_this_job()),
                                 headline(summary))
             # encoded and written while the checkpoint is (JSON of 4096 replicas: ~0.1 s); named

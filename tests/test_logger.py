@@ -3,7 +3,8 @@ import warnings
 
 import numpy as np
 
-from dlntorch.logger import aggregate, aggregate_rows, write_npz
+from dlntorch.logger import aggregate, aggregate_rows
+from dlntorch.npzfile import write_npz
 
 
 def test_aggregates_equal_numpys_nan_functions():
@@ -64,7 +65,7 @@ def deflated_sizes(path) -> dict[str, int]:
 
 
 def level_one_sizes(path) -> dict[str, int]:
-    """What raw deflate at level 1 (the level logger.npz_member asks for) makes of each deflated
+    """What raw deflate at level 1 (the level npzfile.DEFLATE_LEVEL names) makes of each deflated
     member's bytes: zlib is deterministic, so a member written at another level differs in size."""
     import zipfile
     import zlib
