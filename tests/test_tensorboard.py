@@ -15,6 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import histogram as tb_histogram
 
 from dlntorch.analysis import load_run
 from dlntorch.config import ConfigError
@@ -106,7 +108,20 @@ def test_distributions_at_the_chosen_logged_times_hold_the_live_replicas_values(
             assert histogram.num == len(values)
             assert (histogram.min, histogram.max) == (values.min(), values.max())
             assert histogram.sum == pytest.approx(values.sum(), rel=1e-12)   # float64 summation order
+            # the buckets are add_histogram's default ones (bins="tensorflow"), given as an array
+            default = tb_histogram(name, values, tf_bins()).value[0].histo
+            assert list(histogram.bucket_limit) == list(default.bucket_limit)
+            assert list(histogram.bucket) == list(default.bucket)
     assert [r.step for r in reader.Histograms("final/energy")] == [300]
+
+
+def tf_bins() -> list[float]:
+    """SummaryWriter's default_bins (bins="tensorflow"), from a writer of its own."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        writer = SummaryWriter(folder)
+        writer.close()
+        return writer.default_bins
 
 
 def test_histogram_steps_are_spread_over_the_grid_and_fixed_by_it():
