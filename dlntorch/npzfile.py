@@ -15,6 +15,7 @@ deflate), then the central directory, the zip64 end record, its locator and the 
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import time
@@ -81,42 +82,101 @@ def deflates(array: np.ndarray, ratio: float = 0.5) -> bool:
     (the early and the late rows of a trajectory differ). It does for flags, ranks and counts, and
     for whole trajectories of a few hundred replicas (converged ones repeat within deflate's 32 KB
     window); it does not for rows of thousands of replicas of float64 noise. Small arrays: always."""
-    flat = array.reshape(-1)
-    if always_deflated(flat.nbytes):
+    raw = array.reshape(-1).view(np.uint8)
+    return judged(raw.size, array.dtype.itemsize, lambda begin, size: raw[begin:begin + size].tobytes(), ratio)
+
+
+def judged(nbytes: int, itemsize: int, read, ratio: float = 0.5) -> bool:
+    """`deflates` of an array of `nbytes` bytes whose bytes `read(begin, size)` returns."""
+    if always_deflated(nbytes):
         return True
-    starts = np.linspace(0, flat.size - DEFLATE_SAMPLE, 8).astype(np.int64)
-    return compressible(np.concatenate([flat[s:s + DEFLATE_SAMPLE] for s in starts]).tobytes(), ratio)
+    starts = np.linspace(0, nbytes // itemsize - DEFLATE_SAMPLE, 8).astype(np.int64)
+    return compressible(b"".join(read(int(s) * itemsize, DEFLATE_SAMPLE * itemsize) for s in starts), ratio)
 
 
 @dataclass
 class Member:
-    """One array of an archive: its name, its .npy header, its data (C order; in memory or a
-    memory map), and `at`: where the destination file already holds that data (None: nowhere)."""
+    """One array of an archive: its name, its .npy header, its dtype, and its data's `nbytes`
+    bytes (C order): an array in memory (`data`), or the bytes at `offset` of the file `fd`, read
+    in pieces of COPY_BYTES, each mapped alone (a huge B's member is gigabytes, which one map would
+    add to the process's resident memory while it is read); `at`: where the destination file
+    already holds them (None: nowhere)."""
     name: str
     header: bytes
-    data: np.ndarray
+    dtype: np.dtype
+    nbytes: int
+    data: np.ndarray | None = None
+    fd: int | None = None
+    offset: int = 0
     at: int | None = None
 
-    def raw(self) -> memoryview:
-        return memoryview(self.data.reshape(-1).view(np.uint8))
+    @classmethod
+    def of(cls, name: str, array: np.ndarray) -> Member:
+        return cls(name, npy_header(array.dtype, array.shape), array.dtype, array.nbytes, data=array)
+
+    def read(self, begin: int, size: int) -> bytes:
+        if self.data is not None:
+            return self.data.reshape(-1).view(np.uint8)[begin:begin + size].tobytes()
+        return os.pread(self.fd, size, self.offset + begin)
+
+    def pieces(self):
+        """The data in pieces of at most COPY_BYTES (a file's through a map of that piece alone,
+        unmapped before the next: the page cache's own pages, no copy, and no fresh memory)."""
+        if self.data is not None:
+            raw = memoryview(self.data.reshape(-1).view(np.uint8))
+            yield from (raw[b:b + COPY_BYTES] for b in range(0, self.nbytes, COPY_BYTES))
+            return
+        for begin in range(0, self.nbytes, COPY_BYTES):
+            yield from mapped(self.fd, self.offset + begin, min(COPY_BYTES, self.nbytes - begin))
+
+    def deflates(self) -> bool:
+        return judged(self.nbytes, self.dtype.itemsize, self.read)
 
 
 def packed(member: Member) -> tuple[int, bytes | None]:
     """The member's CRC-32 (of its .npy header and data) and, where deflating pays (`deflates`),
     its raw deflate stream (None: stored)."""
-    raw = member.raw()
-    crc = zlib.crc32(raw, zlib.crc32(member.header))
-    if not deflates(member.data):
+    crc = zlib.crc32(member.header)
+    packer = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15) if member.deflates() else None  # raw deflate
+    stream = [] if packer is None else [packer.compress(member.header)]
+    for piece in member.pieces():
+        crc = zlib.crc32(piece, crc)
+        if packer is not None:
+            stream.append(packer.compress(piece))
+    if packer is None:
         return crc, None
-    packer = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)   # -15: raw deflate, as zip wants
-    stream = packer.compress(member.header) + packer.compress(raw) + packer.flush()
-    return crc, (stream if len(stream) < len(member.header) + len(raw) else None)
+    stream.append(packer.flush())
+    size = sum(len(s) for s in stream)
+    return crc, (b"".join(stream) if size < len(member.header) + member.nbytes else None)
+
+
+def mapped(fd: int, offset: int, size: int):
+    """Yield the `size` bytes at `offset` of the file `fd` as a read-only view of a map of them
+    (valid until the generator resumes: then unmapped)."""
+    skip = offset % mmap.ALLOCATIONGRANULARITY
+    window = mmap.mmap(fd, skip + size, access=mmap.ACCESS_READ, offset=offset - skip)
+    view = memoryview(window)[skip:]
+    try:
+        yield view
+    finally:
+        view.release()
+        window.close()
 
 
 def write_at(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
         done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def read_into(fd: int, buffer, offset: int) -> None:
+    """Fill `buffer` with the file's bytes from `offset` (an error if the file ends first)."""
+    view = memoryview(buffer).cast("B")
+    while view:
+        done = os.preadv(fd, [view], offset)
+        if done == 0:
+            raise OSError(f"the file ends before byte {offset + len(view)}")
         view, offset = view[done:], offset + done
 
 
@@ -134,7 +194,7 @@ def write_members(fd: int, members: Sequence[Member], start: int = 0,
         jobs = [pool.submit(packed, m) for m in members]        # ahead of the writer, in order
         for member, job in zip(members, jobs):
             crc, stream = job.result()
-            size = len(member.header) + member.data.nbytes
+            size = len(member.header) + member.nbytes
             method, stored_size = (STORED, size) if stream is None else (DEFLATED, len(stream))
             name = entry_name(member.name)
             write_at(fd, LOCAL.pack(0x04034B50, ZIP64_VERSION, utf8(name), method, *stamp, crc, FULL, FULL,
@@ -157,9 +217,9 @@ def place(fd: int, member: Member, offset: int) -> None:
     in pieces (moving down within one file: each piece is read before anything overwrites it)."""
     if member.at == offset:
         return
-    raw = member.raw()
-    for begin in range(0, len(raw), COPY_BYTES):
-        write_at(fd, raw[begin:begin + COPY_BYTES], offset + begin)
+    for piece in member.pieces():
+        write_at(fd, piece, offset)
+        offset += len(piece)
 
 
 def write_directory(fd: int, entries: list[tuple], cursor: int, start: int, stamp: tuple[int, int]) -> int:
@@ -199,7 +259,7 @@ def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
         array = np.asarray(array, order="C")      # (ascontiguousarray would make a 0-d array 1-d)
         if array.dtype.hasobject:
             raise ValueError(f"{name}: an object array has no .npy form without pickle")
-        members.append(Member(name, npy_header(array.dtype, array.shape), array))
+        members.append(Member.of(name, array))
     handle.flush()
     start = handle.tell()
     handle.seek(write_members(handle.fileno(), members, start))

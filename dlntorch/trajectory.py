@@ -37,6 +37,7 @@ from .npzfile import (
     compressible,
     local_header_size,
     npy_header,
+    read_into,
     write_at,
     write_members,
     write_npz,
@@ -178,14 +179,6 @@ class Trajectory:
         dtype, shape = self.columns[name]
         return dtype.itemsize * int(np.prod(shape, dtype=np.int64))
 
-    def _rows(self, name: str) -> np.ndarray:
-        """Observable `name`'s rows so far, (T, B, …), memory-mapped from the row file."""
-        dtype, shape = self.columns[name]
-        if self.count == 0:
-            return np.empty((0, *shape), dtype)
-        return np.memmap(self.folder / self.data, dtype=dtype, mode="r", offset=self._offset(name, 0),
-                         shape=(self.count, *shape))
-
     def array(self, name: str) -> np.ndarray:
         """One observable at every logged time, (T, B, …)."""
         dtype, shape = self.columns[name]
@@ -194,20 +187,28 @@ class Trajectory:
                 return data[name]
         if self.folder is None:
             return np.stack([row[name] for row in self._memory]) if self._memory else np.empty((0, *shape), dtype)
-        return np.array(self._rows(name))
+        out = np.empty((self.count, *shape), dtype)
+        read_into(self._fd, out.reshape(-1).view(np.uint8), self._offset(name, 0))
+        return out
 
     def _row(self, name: str, i: int) -> np.ndarray:
         dtype, shape = self.columns[name]
-        return np.frombuffer(os.pread(self._fd, self._row_bytes(name), self._offset(name, i)),
-                             dtype=dtype).reshape(shape).copy()
+        out = np.empty(shape, dtype)
+        read_into(self._fd, out.reshape(-1).view(np.uint8), self._offset(name, i))
+        return out
 
     def replicas(self, name: str, chosen: slice) -> np.ndarray:
         """One observable for the replicas `chosen` (a slice of the replica axis) at every logged
         time, (T, b, …), read row by row: what per-replica summaries of a huge B hold at once."""
-        _, shape = self.columns[name]
+        dtype, shape = self.columns[name]
         if self.folder is None or self.sealed is not None or not shape:
             return self.array(name)[:, chosen] if shape else self.array(name)
-        return np.array(self._rows(name)[:, chosen])
+        start, stop, _ = chosen.indices(shape[0])
+        inner = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        out = np.empty((self.count, max(stop - start, 0), *shape[1:]), dtype)
+        for i in range(self.count):
+            read_into(self._fd, out[i].reshape(-1).view(np.uint8), self._offset(name, i) + start * inner)
+        return out
 
     def arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """The observables `names` (default: all) as arrays (T, B, …); names it lacks are left out."""
@@ -219,7 +220,8 @@ class Trajectory:
         where its data already lies)."""
         header = {n: npy_header(dt, (self.count, *shape), self._slot(n) - local_header_size(n))
                   for n, (dt, shape) in self.columns.items()}
-        return [Member(n, header[n], self._rows(n), self._offset(n, 0) if in_place else None)
+        return [Member(n, header[n], self.columns[n][0], self.count * self._row_bytes(n), fd=self._fd,
+                       offset=self._offset(n, 0), at=self._offset(n, 0) if in_place else None)
                 for n in sorted(self.columns, key=self.regions.get)]
 
     def save(self, path: Path) -> None:
