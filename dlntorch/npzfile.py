@@ -214,11 +214,12 @@ def write_members(fd: int, members: Sequence[Member], start: int = 0,
 
 def place(fd: int, member: Member, offset: int) -> None:
     """The member's data at `offset` of the file: untouched if it already lies there, else copied
-    in pieces (moving down within one file: each piece is read before anything overwrites it)."""
+    in pieces. Moving down within one file, a piece is copied out of its map before it is written
+    (the two ranges may overlap; the later pieces lie above what is written, so none is lost)."""
     if member.at == offset:
         return
     for piece in member.pieces():
-        write_at(fd, piece, offset)
+        write_at(fd, bytes(piece) if member.at is not None else piece, offset)
         offset += len(piece)
 
 

@@ -85,6 +85,19 @@ def test_sealing_makes_the_row_file_the_npz_in_place(tmp_path, rows):
     assert not folder.exists() and (tmp_path / "trajectory.npz").is_file()
 
 
+def test_sealing_moves_members_down_in_overlapping_pieces(tmp_path, monkeypatch):
+    """Pieces of 256 bytes, members moved down by less than that (after the product's region, one
+    row of 240 bytes unused, then more): a piece's source and destination overlap, and every
+    member still reads back exactly."""
+    import dlntorch.npzfile
+    monkeypatch.setattr(dlntorch.npzfile, "COPY_BYTES", 256)
+    trajectory = Trajectory(tmp_path / "trajectory", capacity=8)
+    for i in range(7):
+        trajectory.append(row(i))
+    trajectory.seal(tmp_path / "trajectory.npz")
+    assert_arrays_equal(npz_arrays(tmp_path / "trajectory.npz"), expected(7))
+
+
 def test_more_rows_than_the_capacity_move_to_a_larger_row_file(tmp_path):
     folder = tmp_path / "trajectory"
     trajectory = Trajectory(folder, capacity=2)
