@@ -171,6 +171,13 @@ class Lab:
         self.live = (live.numel(), median)
         return below > 0
 
+    def stops_here(self, end: int) -> bool:
+        """Whether the stop test may end the run at step `end`: a step-based run only every
+        run.stop_check_every steps (and at its last), never at a logged step between them, so that
+        where a run stops does not depend on run.log_points (the test still runs at logged steps:
+        their rows carry the divergence flags as of that step); an exact flow at each of its ends."""
+        return not self.dynamics.step_based or end % self.cfg.run.stop_check_every == 0 or end == self.total_steps
+
     def announce(self, resumed: bool) -> None:
         """The header, where the outputs go and how to watch them, before the first step; with
         resume=true, whether the run continues from a checkpoint or starts fresh."""
@@ -269,7 +276,7 @@ class Lab:
                     if self.task.schedule is not None and s.step in self.task.schedule.switches:
                         self.follow_schedule()
                         self.dynamics.plan(self.segment(ends))
-                    s.stopped = self.check()
+                    s.stopped = self.check() and self.stops_here(int(end))
                 if end in self.grid or s.stopped or end == self.total_steps:
                     self.recorder.log()
                 if bar is not None:

@@ -119,6 +119,17 @@ def test_stop_rules(make_cfg):
     assert max(by_energy["final"]["energy"]) < 1e-6 and by_energy["steps"] < 20000
 
 
+def test_where_a_run_stops_does_not_depend_on_its_log_grid(make_cfg):
+    """The stop test ends a run only every run.stop_check_every steps: logged steps between them
+    (a dense grid, 997 points over 5000 steps) do not move the stop."""
+    common = ("replicas=8", "init.scale=0.5", "run.stop_energy=1e-6", "run.steps=5000")
+    sparse = run(make_cfg(*common, "run.log_points=7", out="sparse"))
+    dense = run(make_cfg(*common, "run.log_points=997", out="dense"))
+    assert sparse["stopped_by"] == dense["stopped_by"] == "stop_energy"
+    assert sparse["steps"] == dense["steps"] and sparse["steps"] % 100 == 0
+    assert sparse["final"]["energy"] == dense["final"]["energy"]
+
+
 def test_default_run_shows_the_low_rank_bias(make_cfg):
     """The seed problem at depth 3 from small initial conditions: most replicas end at
     effective rank ≈ 1 with E < 1e-8 (problem 1)."""
