@@ -50,12 +50,12 @@ PRIOR_BYTES = 1 << 16           # the first row's bytes that place an observable
 
 class Trajectory:
     """The logged rows of one run, in the row file under `folder` (None: in memory only, for a
-    trajectory read back from an npz), laid out for `capacity` rows. `len()` rows; `last` the
-    last row (kept in memory)."""
+    trajectory read back from an npz), laid out for `capacity` rows (None: MIN_CAPACITY, doubled
+    as needed). `len()` rows; `last` the last row (kept in memory)."""
 
     def __init__(self, folder: Path | None = None, capacity: int | None = None):
         self.folder = None if folder is None else Path(folder)
-        self.capacity = max(int(capacity or 0), 1)
+        self.capacity = int(capacity) if capacity else MIN_CAPACITY
         self.columns: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}   # name → (dtype, row shape)
         self.regions: dict[str, int] = {}         # name → where its region (local header) begins
         self.places: dict[str, tuple[int, int]] = {}   # name → where its rows begin, a row's bytes
@@ -115,7 +115,8 @@ class Trajectory:
         return local_header_size(name) + len(npy_header(dtype, (10 ** 15, *shape)))
 
     def _open(self, order: list[str], capacity: int) -> None:
-        """A new row file for `capacity` rows, its regions in `order`, named by the manifest."""
+        """A new row file for `capacity` rows, its regions in `order` (the caller then names it
+        in the manifest)."""
         self.capacity, self.data, self.regions, begin = capacity, f"rows.{capacity}", {}, 0
         for name in order:
             self.regions[name] = begin
