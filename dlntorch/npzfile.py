@@ -261,6 +261,10 @@ def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
         if array.dtype.hasobject:
             raise ValueError(f"{name}: an object array has no .npy form without pickle")
         members.append(Member.of(name, array))
+    write_archive(handle, members)
+
+
+def write_archive(handle, members: Sequence[Member], directory: Iterable[str] | None = None) -> None:
+    """`write_members` at the position of the binary file `handle`, which then stands at its end."""
     handle.flush()
-    start = handle.tell()
-    handle.seek(write_members(handle.fileno(), members, start))
+    handle.seek(write_members(handle.fileno(), members, handle.tell(), directory))

@@ -38,6 +38,7 @@ from .npzfile import (
     local_header_size,
     npy_header,
     read_into,
+    write_archive,
     write_at,
     write_members,
     write_npz,
@@ -232,11 +233,7 @@ class Trajectory:
             atomic_write_bytes(path, lambda h: write_npz(h, arrays))
             return
         members = self.members()
-
-        def write(handle) -> None:
-            handle.flush()
-            handle.seek(write_members(handle.fileno(), members, handle.tell(), directory=self.columns))
-        atomic_write_bytes(path, write)
+        atomic_write_bytes(path, lambda handle: write_archive(handle, members, directory=self.columns))
 
     def seal(self, path: Path) -> None:
         """trajectory.npz made from the row file in place, then renamed to `path` (the run is
