@@ -295,12 +295,12 @@ class Lab:
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        """The final checkpoint first (the state is final), then the reports: a kill in between
-        resumes straight to the reports, with the final row, the stop reason and no step twice.
-        The summary reads the rows first; then the checkpoint is written by a second thread (the
-        row file becomes trajectory.npz in place: headers, CRCs, deflate, which release the GIL)
-        while TensorBoard's last records are; summary.json, which marks the run complete, only
-        once the checkpoint is on disk."""
+        """The final checkpoint before any report is written (the state is final): a kill in
+        between resumes straight to the reports, with the final row, the stop reason and no step
+        twice. The summary reads the rows first (computed, not yet written); then the checkpoint
+        is written by a second thread (the row file becomes trajectory.npz in place: headers,
+        CRCs, deflate, which release the GIL) while TensorBoard's last records are; summary.json,
+        which marks the run complete, only once the checkpoint is on disk."""
         with self.hooks.phase("finish"), ThreadPoolExecutor(max_workers=1) as writer:
             s = self.state
             saved = None
