@@ -126,8 +126,7 @@ class Member:
             raw = memoryview(self.data.reshape(-1).view(np.uint8))
             yield from (raw[b:b + COPY_BYTES] for b in range(0, self.nbytes, COPY_BYTES))
             return
-        for begin in range(0, self.nbytes, COPY_BYTES):
-            yield from mapped(self.fd, self.offset + begin, min(COPY_BYTES, self.nbytes - begin))
+        yield from file_pieces(self.fd, self.offset, self.nbytes)
 
     def deflates(self) -> bool:
         return judged(self.nbytes, self.dtype.itemsize, self.read)
@@ -148,6 +147,20 @@ def packed(member: Member) -> tuple[int, bytes | None]:
     stream.append(packer.flush())
     size = sum(len(s) for s in stream)
     return crc, (b"".join(stream) if size < len(member.header) + member.nbytes else None)
+
+
+def file_pieces(fd: int, offset: int, nbytes: int):
+    """The `nbytes` bytes at `offset` of the file `fd` in pieces of at most COPY_BYTES, each a view
+    of a map of that piece alone (valid until the next)."""
+    for begin in range(0, nbytes, COPY_BYTES):
+        yield from mapped(fd, offset + begin, min(COPY_BYTES, nbytes - begin))
+
+
+def write_pieces(fd: int, pieces, offset: int) -> None:
+    """The bytes of `pieces`, one after another, from `offset` of the file `fd`."""
+    for piece in pieces:
+        write_at(fd, piece, offset)
+        offset += len(piece)
 
 
 def mapped(fd: int, offset: int, size: int):
@@ -218,9 +231,8 @@ def place(fd: int, member: Member, offset: int) -> None:
     (the two ranges may overlap; the later pieces lie above what is written, so none is lost)."""
     if member.at == offset:
         return
-    for piece in member.pieces():
-        write_at(fd, bytes(piece) if member.at is not None else piece, offset)
-        offset += len(piece)
+    moved = member.at is not None
+    write_pieces(fd, (bytes(piece) if moved else piece for piece in member.pieces()), offset)
 
 
 def write_directory(fd: int, entries: list[tuple], cursor: int, start: int, stamp: tuple[int, int]) -> int:

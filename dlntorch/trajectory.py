@@ -31,10 +31,10 @@ import numpy as np
 
 from .logger import atomic_write_bytes
 from .npzfile import (
-    COPY_BYTES,
     Member,
     always_deflated,
     compressible,
+    file_pieces,
     local_header_size,
     npy_header,
     read_into,
@@ -42,6 +42,7 @@ from .npzfile import (
     write_at,
     write_members,
     write_npz,
+    write_pieces,
 )
 
 MANIFEST = "manifest.json"      # the row file, its capacity and each observable's region
@@ -132,10 +133,8 @@ class Trajectory:
         self._fd = None
         self._open(sorted(self.regions, key=self.regions.get), 2 * self.capacity)
         for name in self.columns:
-            size, begin = self.count * self._row_bytes(name), old_offsets[name]
-            for done in range(0, size, COPY_BYTES):
-                write_at(self._fd, os.pread(old_fd, min(COPY_BYTES, size - done), begin + done),
-                         self._offset(name, 0) + done)
+            write_pieces(self._fd, file_pieces(old_fd, old_offsets[name], self.count * self._row_bytes(name)),
+                         self._offset(name, 0))
         self._write_manifest()
         os.close(old_fd)
         (self.folder / old).unlink()
