@@ -148,3 +148,70 @@ def test_a_compiled_run_resumes_bit_identically(killed_and_resumed):
     assert resumed["steps"] == whole["steps"] == 400
     assert resumed["final"]["energy"] == whole["final"]["energy"]
     assert resumed["final"]["singular_values"] == whole["final"]["singular_values"]
+
+
+# -- the entries program (gd without draws, K steps per call) ------------------------------
+
+def test_compiled_gd_on_planes_runs_the_entries_program(make_cfg):
+    """gd at a constant lr on the planes layout takes the K-step entries program (not the
+    one-step planes program) and follows eager, weight decay included (RULES["gd"])."""
+    fast = dynamics(make_cfg, "gd", "planes", "on", "entries")
+    fast.advance(1)
+    assert isinstance(fast._steps, compiled.CompiledSteps) and fast._compiled is None
+    assert fast._steps.K == compiled.STEPS_PER_CALL
+
+
+def test_the_entries_program_is_bit_identical_however_a_run_is_cut(make_cfg):
+    """What resuming needs: 50 steps in one stretch (six 8-step calls and two single steps)
+    and in stretches of 1, 2, 7, 40 (single steps, then five 8-step calls) end on the same
+    bits — the 8-step and one-step programs do each step's ops alike."""
+    whole = dynamics(make_cfg, "gd", "planes", "on", "whole")
+    cut = dynamics(make_cfg, "gd", "planes", "on", "cut")
+    whole.advance(sum(CHUNKS))
+    got = trajectory(cut)[-1]
+    assert sorted(cut._steps.programs) == [1, compiled.STEPS_PER_CALL]
+    assert all(torch.equal(x, y) for x, y in zip(whole.factors(), got))
+
+
+@pytest.mark.parametrize("task", ["task=seed2x2", "task=sensing", "task=regression"])
+def test_affine_gradient_is_the_tasks_gradient(make_cfg, task):
+    """AffineGradient.probe: the map it finds gives the task's ∇E at random products to
+    rounding (1e-12 of the terms' size, float64), on entries as the program evaluates it."""
+    lab = Lab(make_cfg(task, "model.depth=2", "replicas=5"))
+    W = torch.randn(5, *lab.task.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gradient = compiled.AffineGradient.probe(lab.task.gradient, W)
+    assert gradient is not None
+    got = gradient([[W[:, i, j] for j in range(W.shape[2])] for i in range(W.shape[1])])
+    want = lab.task.gradient(W)
+    assert max((got[i][j] - want[:, i, j]).abs().max().item()
+               for i in range(W.shape[1]) for j in range(W.shape[2])) < 1e-12 * (1 + want.abs().max().item())
+
+
+def test_affine_gradient_refuses_what_is_not_one_affine_map():
+    """A gradient that is not affine (W ↦ W³), or that differs by replica, is not modelled."""
+    W = torch.randn(6, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert compiled.AffineGradient.probe(lambda X: X ** 3, W) is None
+    per_replica = torch.randn(6, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert compiled.AffineGradient.probe(lambda X: X - per_replica, W) is None
+    assert compiled.AffineGradient.probe(lambda X: 2 * X - 1, W) is not None
+
+
+def test_steps_per_call_shrinks_with_the_shapes():
+    """K: STEPS_PER_CALL for 2x2 factors; fewer, then 0 (the planes program), as the unrolled ops grow."""
+    unit = compiled.AffineGradient([[(0, 1.0)]], [0.0], (1, 1))
+    assert compiled.steps_per_call([2, 2, 2, 2], unit) == compiled.STEPS_PER_CALL
+    assert 0 < compiled.steps_per_call([4, 4, 4, 4], unit) < compiled.STEPS_PER_CALL
+    assert compiled.steps_per_call([10, 10, 10, 10], unit) == 0
+
+
+def test_the_entries_program_failing_to_compile_leaves_eager_bits(make_cfg, monkeypatch, recwarn):
+    """torch.compile raising for gd: one warning, and the eager trajectory bit for bit."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    got = trajectory(dynamics(make_cfg, "gd", "planes", "on", "compiled"))
+    assert len([w for w in recwarn if "run.compile" in str(w.message)]) == 1
+    monkeypatch.undo()
+    want = _eager_trajectory(make_cfg, "gd")
+    assert all(torch.equal(x, y) for fa, fb in zip(got, want) for x, y in zip(fa, fb))

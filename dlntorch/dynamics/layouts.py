@@ -31,11 +31,17 @@ class Workspace:
             new = lambda r, c: torch.empty(B, r, c, **like)  # noqa: E731
             self.mm, self.T, self.planes = _bmm, _batch_T, None
             self.to_task, self.from_task, self.view = _same, _same, _same
+            self.entries = None
         else:
             new = lambda r, c: torch.empty(r, c, B, **like)  # noqa: E731
             self.mm, self.T = planes_mm, planes_T
             self.to_task, self.from_task, self.view = _replica_first, _replica_last, _replica_last
-            self.planes = [new(*s) for s in shapes]
+            # the planes are views of one (Σ_p d_p d_{p−1}, B) buffer, `entries`: the whole
+            # state as one tensor of rows, one row per scalar entry (the compiled multi-step
+            # program, dynamics/compiled.py, reads and writes it in one piece)
+            sizes = [r * c for r, c in shapes]
+            self.entries = torch.empty(sum(sizes), B, **like)
+            self.planes = [rows.view(r, c, B) for rows, (r, c) in zip(self.entries.split(sizes), shapes)]
         # prefix[p] = W_{p+1} ⋯ W_1 (index 0 unused: it is W_1 itself), back[p] = (W_N ⋯ W_{p+2})^T ∇E
         self.prefix = [None] + [new(s[0], d0) for s in shapes[1:]]
         self.back = [new(s[1], d0) for s in shapes[1:]]

@@ -61,6 +61,10 @@ class StepDynamics(Dynamics):
       (weights, label noise, rule noise) stay eager, in the same order. `auto` decides from the
       run's steps, replicas and widths (a fixed rule, like the layout); a compile that fails
       leaves the eager path with one warning. Compiled steps take precedence over CUDA graphs.
+      Without draws, at a constant lr, on `planes`: the entries program instead, K steps per
+      call on the state's scalar entries (one (P, B) buffer, `Workspace.entries`), its chunks
+      cut the same way whatever the stretch (K-step calls, then single steps), so a resumed
+      run takes the same bits.
     """
 
     def __init__(self, cfg: Any, net: DeepLinearNetwork, task: Task, seed: int,
@@ -102,6 +106,9 @@ class StepDynamics(Dynamics):
             setting, total_steps(cfg) if setting == "auto" else 0, net.replicas, net.widths, layout)
         self._drift, self._noise = extra.get("drift"), extra.get("noise")
         self._compiled: compiled.CompiledStep | None = None   # built with the workspace it closes over
+        # the entries program of K steps (gd without draws, constant lr): None until built, False
+        # where it does not apply (dynamics/compiled.py)
+        self._steps: compiled.CompiledSteps | None | bool = None
 
     # -- the loop's interface ---------------------------------------------------------
     def advance(self, steps: int) -> None:
@@ -160,12 +167,13 @@ class StepDynamics(Dynamics):
     def task_changed(self) -> None:
         # a captured CUDA graph holds the task's loss coefficient as a constant: capture anew
         self._graph = None
-        self._compiled = None
+        self._compiled = self._steps = None
 
     @property
     def compile_seconds(self) -> float | None:
-        """The wall time of the first compiled step (the compile's cost); None if none ran."""
-        return None if self._compiled is None else self._compiled.seconds
+        """The wall time of the compiled programs' first calls (the compiles' cost); None if none ran."""
+        seconds = [p.seconds for p in (self._compiled, self._steps) if p and p.seconds is not None]
+        return sum(seconds) if seconds else None
 
     @property
     def beta(self) -> float | None:
@@ -223,7 +231,7 @@ class StepDynamics(Dynamics):
         factors = [p.detach() for p in self.params]
         if self._work is None or self._work.stale(factors):
             self._work = Workspace(factors, self.layout)
-            self._graph = self._compiled = None
+            self._graph = self._compiled = self._steps = None
         work = self._work
         if self.layout == "batch":
             return factors
@@ -263,7 +271,10 @@ class StepDynamics(Dynamics):
     def _fused_steps(self, state: list[Tensor], steps: int) -> None:
         work, kernel, optimizer = self._work, self.kernel, self.optimizer
         draws = work.noise if self._draws else None
-        if self.compiles and self._compiled is None:
+        if self.compiles and self._entry_program():
+            steps -= self._steps(work.entries, optimizer.param_groups[0]["lr"], steps)
+            self.compiles = not self._steps.failed      # what is left runs eagerly after a failure
+        if self.compiles and steps and self._compiled is None:
             self._compiled = compiled.CompiledStep(compiled.drift_step(self._task_gradient, work.mm, work.T,
                                                                        self._drift))
         for _ in range(steps):
@@ -271,6 +282,23 @@ class StepDynamics(Dynamics):
             if not (self.compiles and self._compiled_step(state, weights, noise, draws)):
                 kernel(optimizer, state, self._gradients(state, weights, noise), draws, work.view)
             self._tick()
+
+    def _entry_program(self) -> bool:
+        """Build the entries program of K steps where it applies: the planes layout, a rule
+        without draws at a constant lr (no schedule), the full batch without label noise, a
+        gradient that is affine to rounding at the current products, and shapes small enough."""
+        if self._steps is None:
+            self._steps = False
+            if (self.layout == "planes" and not self._draws and self.scheduler is None and self.batch_size is None
+                    and not self.label_sigma):
+                gradient = compiled.AffineGradient.probe(self.task.gradient, fast_chain(self.factors()))
+                K = 0 if gradient is None else compiled.steps_per_call(self.net.widths, gradient)
+                if K:
+                    shapes = [tuple(p.shape[:2]) for p in self._work.planes]
+                    wd = self.optimizer.param_groups[0]["weight_decay"]
+                    self._steps = compiled.CompiledSteps(
+                        lambda k: compiled.entry_steps(shapes, gradient, self._drift, wd, k), K)
+        return bool(self._steps)
 
     def _compiled_step(self, state: list[Tensor], weights: Tensor | None, noise: Tensor | None,
                        draws: list[Tensor] | None) -> bool:
