@@ -194,6 +194,8 @@ def test_affine_gradient_refuses_what_is_not_one_affine_map():
     per_replica = torch.randn(6, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     assert compiled.AffineGradient.probe(lambda X: X - per_replica, W) is None
     assert compiled.AffineGradient.probe(lambda X: 2 * X - 1, W) is not None
+    W[2] = float("nan")          # a diverged replica: the map is checked on the others
+    assert compiled.AffineGradient.probe(lambda X: 2 * X - 1, W) is not None
 
 
 def test_steps_per_call_shrinks_with_the_shapes():

@@ -120,6 +120,7 @@ class AffineGradient:
         """The affine map of `gradient` ((B, m, n) -> (B, m, n)), or None where it is not one
         to rounding at `products` (a task whose gradient depends on the replica, say)."""
         m, n = products.shape[1:]
+        products = products[torch.isfinite(products).flatten(1).all(1)]   # a diverged replica checks nothing
         units = torch.zeros(1 + m * n, m * n, dtype=products.dtype, device=products.device)
         units[1:] = torch.eye(m * n, dtype=products.dtype, device=products.device)
         try:
@@ -130,7 +131,8 @@ class AffineGradient:
         except RuntimeError:                           # shapes that do not broadcast: not one map
             return None
         # the model's rounding: a few ulps of the largest term in a sum
-        scale = (slope.abs().max() * products.abs().max() + at[0].abs().max()).item()
+        size = products.abs().max().item() if products.numel() else 0.0
+        scale = slope.abs().max().item() * size + at[0].abs().max().item()
         if not torch.allclose(model, want, rtol=0.0, atol=1e-12 * max(scale, 1e-300)):
             return None
         rows = [[(k, float(h)) for k, h in enumerate(row.tolist()) if h != 0.0] for row in slope]
