@@ -27,6 +27,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -207,7 +208,7 @@ class CompiledSteps:
     def __init__(self, make: Callable[[int], Callable], steps: int):
         self.make, self.K = make, steps
         self.programs: dict[int, Callable] = {}
-        self.lrs: dict[int, tuple[Tensor, float]] = {}
+        self.lrs = {k: LrInput((k,)) for k in {1, steps}}
         self.seconds: float | None = None
         self.failed = False
 
@@ -223,30 +224,55 @@ class CompiledSteps:
         return done
 
     def _run(self, k: int, state: Tensor, lr: float) -> Tensor | None:
+        args = (state, self.lrs[k](lr, state))
         if k in self.programs:
-            return self.programs[k](state, self._lrs(k, lr, state))
-        started, before = time.perf_counter(), state.clone()
+            return self.programs[k](*args)
         try:
             self.programs[k] = torch.compile(self.make(k), fullgraph=True, dynamic=False)
-            moved = self.programs[k](state, self._lrs(k, lr, state))
-        except Exception as error:  # noqa: BLE001 — any failure: the eager path, from the rows as they were
-            state.copy_(before)
+        except Exception as error:  # noqa: BLE001 — any failure: the eager path
             warn_fallback(error)
             self.failed = True
             return None
-        self.seconds = (self.seconds or 0.0) + time.perf_counter() - started
-        log.info("run.compile: the %d-step program compiled in %.1f s", k, time.perf_counter() - started)
+        moved, seconds = first_call(self.programs[k], args, [state], f"the {k}-step program")
+        if seconds is None:
+            self.failed = True
+            return None
+        self.seconds = (self.seconds or 0.0) + seconds
         return moved
 
-    def _lrs(self, k: int, lr: float, like: Tensor) -> Tensor:
-        """lr for each of the k steps, an input of the program (a constant would be compiled in)."""
-        lrs, value = self.lrs.get(k, (None, None))
-        if lrs is None or lrs.dtype != like.dtype or lrs.device != like.device:
-            lrs = torch.full((k,), lr, dtype=like.dtype, device=like.device)
-        elif lr != value:
-            lrs.fill_(lr)
-        self.lrs[k] = (lrs, lr)
-        return lrs
+
+class LrInput:
+    """lr as a tensor input of a compiled program, of `shape` (() for one step, (k,) for one per
+    step): a float is compiled in as a constant, so a schedule moving it every step recompiled
+    every step until dynamo's recompile limit failed the run. One tensor, refilled only when lr
+    moves (a new one each step cost ~5 µs of a ~130 µs compiled step)."""
+
+    def __init__(self, shape: tuple[int, ...] = ()):
+        self.shape, self.tensor, self.value = shape, None, None
+
+    def __call__(self, lr: float, like: Tensor) -> Tensor:
+        if self.tensor is None or self.tensor.dtype != like.dtype or self.tensor.device != like.device:
+            self.tensor = torch.full(self.shape, lr, dtype=like.dtype, device=like.device)
+        elif lr != self.value:
+            self.tensor.fill_(lr)
+        self.value = lr
+        return self.tensor
+
+
+def first_call(program: Callable, args: tuple, state: Sequence[Tensor], what: str) -> tuple[Any, float | None]:
+    """A compiled program's first call (it compiles then): its result and wall time, or
+    (None, None) after a failure, which put `state` back as it was and warned once."""
+    started, before = time.perf_counter(), [s.clone() for s in state]
+    try:
+        result = program(*args)
+    except Exception as error:  # noqa: BLE001 — any failure: the eager path, from the state as it was
+        for s, saved in zip(state, before):
+            s.copy_(saved)
+        warn_fallback(error)
+        return None, None
+    seconds = time.perf_counter() - started
+    log.info("run.compile: %s compiled in %.1f s", what, seconds)
+    return result, seconds
 
 
 class CompiledStep:
@@ -256,47 +282,29 @@ class CompiledStep:
 
     def __init__(self, step: Callable):
         self.step, self.seconds, self.failed = step, None, False
-        self.lr: Tensor | None = None    # the compiled program's lr input, refilled only when lr moves
-        self.lr_value: float | None = None
+        self.lr = LrInput()
         try:
             self.compiled = torch.compile(step, fullgraph=True, dynamic=False)
         except Exception as error:  # noqa: BLE001 — any failure: the eager path
             self.fail(error)
 
-    def lr_tensor(self, lr: float, like: Tensor) -> Tensor:
-        """lr as a 0-dim tensor, an input of the compiled program: a float is compiled in as a
-        constant, so a schedule moving it every step recompiled every step until dynamo's
-        recompile limit failed the run. One tensor, refilled when lr moves (a new one each step
-        cost ~5 µs of a ~130 µs compiled step)."""
-        if self.lr is None or self.lr.dtype != like.dtype or self.lr.device != like.device:
-            self.lr = torch.tensor(lr, dtype=like.dtype, device=like.device)
-        elif lr != self.lr_value:
-            self.lr.fill_(lr)
-        self.lr_value = lr
-        return self.lr
-
-    def fail(self, error: BaseException) -> None:
-        warn_fallback(error)
+    def fail(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            warn_fallback(error)
         self.failed, self.compiled = True, None
 
     def __call__(self, state: list[Tensor], weights: Tensor | None, noise: Tensor | None, lr: float,
                  weight_decay: float) -> bool:
         if self.failed:
             return False
-        args = (weights, noise, self.lr_tensor(lr, state[0]), weight_decay)
+        args = (state, weights, noise, self.lr(lr, state[0]), weight_decay)
         if self.seconds is not None:
-            self.compiled(state, *args)
+            self.compiled(*args)
             return True
-        started, before = time.perf_counter(), [s.clone() for s in state]
-        try:                   # the first call compiles; a failure leaves the state as it was
-            self.compiled(state, *args)
-        except Exception as error:  # noqa: BLE001
-            for s, saved in zip(state, before):
-                s.copy_(saved)
-            self.fail(error)
+        _, self.seconds = first_call(self.compiled, args, state, "the step")   # a failure leaves the state as it was
+        if self.seconds is None:
+            self.fail()
             return False
-        self.seconds = time.perf_counter() - started
-        log.info("run.compile: the step compiled in %.1f s", self.seconds)
         return True
 
 
